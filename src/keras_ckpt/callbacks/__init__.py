@@ -1,0 +1,1 @@
+from keras_ckpt.callbacks.checkpoint import Checkpoint

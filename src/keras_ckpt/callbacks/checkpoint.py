@@ -1,0 +1,667 @@
+"""`keras_ckpt.Checkpoint`: save everything, resume exactly."""
+
+import os
+import sys
+import time
+
+import keras
+from keras.src.utils import io_utils
+
+from keras_ckpt import manager as manager_lib
+from keras_ckpt import sources
+from keras_ckpt import state as state_lib
+from keras_ckpt import writer as writer_lib
+from keras_ckpt.errors import CheckpointWriteError, IncompatibleCheckpointError
+
+_RESUME_WORDS = (True, False, "latest", "best")
+_PREEMPTION = ("exit", "stop", None)
+PREEMPTED_EXIT_CODE = 143
+
+
+class Checkpoint(keras.callbacks.Callback):
+    """Saves the complete training state and resumes it exactly.
+
+    Each checkpoint holds the model's variables (including non-trainable ones
+    and the dropout RNG states), the optimizer's variables (hence the
+    learning-rate schedule position), the metric accumulators, the training
+    position (epoch, batch within the epoch, global step), the state of the
+    callbacks and objects passed in `state`, the metric history and metadata.
+    It is written in `tf.train.CheckpointManager`'s layout plus a manifest
+    (`ckpt-<N>.json`) that commits it; a checkpoint whose files are missing or
+    truncated is never restored.
+
+    On `fit()`, the latest complete checkpoint in `directory` (or in `mirror`,
+    if newer) is restored: training continues in the same epoch at the same
+    batch, skipping the batches of the interrupted epoch that were already
+    trained on without training on them again. When `fit()` completes, a
+    final checkpoint is always committed.
+
+    Args:
+        directory: str or None, the local working directory. None uses the
+            detected platform's preset (`KERAS_CKPT_DIR` overrides it), else
+            `./checkpoints`.
+        mirror: str, `Uploader` or None. A URL (`s3://bucket/prefix`,
+            `gs://...`, `az://container/prefix`, `file:///path`) that every
+            committed checkpoint is copied to in the background. None uses the
+            platform preset (`KERAS_CKPT_MIRROR` overrides it).
+        save_freq: `"epoch"` or a positive int. Save at the end of every
+            epoch, or every N training batches (counted in batches, also with
+            `steps_per_execution` > 1). Defaults to `"epoch"`.
+        save_every_seconds: float or None. Also save when this much wall time
+            has passed since the last save. Defaults to None.
+        max_to_keep: int or None. Keep the newest N checkpoints (None keeps
+            all). Defaults to 3.
+        keep_every_n_hours: float or None. Also keep one checkpoint in every
+            N-hour window. Defaults to None.
+        monitor: str or None. Logged metric (e.g. `"val_loss"`) that ranks
+            checkpoints for `keep_best` and `resume="best"`. Defaults to None.
+        mode: `"auto"`, `"min"` or `"max"`: whether a lower or a higher
+            `monitor` is better. Defaults to `"auto"`.
+        keep_best: int. Also keep the best K checkpoints by `monitor`; the
+            best value survives restarts. Defaults to 1.
+        state: dict or None, `{"name": obj}` of extra state to save: Keras
+            callbacks (`EarlyStopping`, `ReduceLROnPlateau`,
+            `ModelCheckpoint`, `LearningRateScheduler`), objects with
+            `get_state()` / `set_state(dict)`, or TF/Keras variables,
+            `tf.random.Generator`s and modules. Defaults to None.
+        resume: `True`/`"latest"`, `"best"`, `False`, or a path/URL of a
+            checkpoint (`.../ckpt-120`) or of a directory to branch from.
+            Defaults to True.
+        async_save: bool. Write checkpoints on a background thread; training
+            only waits for a snapshot of the state. Defaults to True.
+        when_busy: `"wait"` or `"skip"`: what a save does while the previous
+            one is still being written. `"wait"` (the default) never drops a
+            checkpoint; `"skip"` never blocks training.
+        flush_timeout: float or None. Seconds `on_train_end` waits for
+            pending writes and uploads. Defaults to None (no limit).
+        on_preemption: `"exit"`, `"stop"` or None. On SIGTERM (or a cloud
+            preemption notice), save at the next batch boundary, flush within
+            `preemption_grace_seconds`, then exit with status 143 (`"exit"`)
+            or end `fit()` (`"stop"`). None leaves signals alone.
+            Defaults to `"exit"`.
+        preemption_grace_seconds: float. Budget from the signal to exit.
+            Defaults to 25.
+        preemption_watch: None, `"auto"` or a tuple of `"gce"`, `"ec2"`,
+            `"azure"`: also poll those metadata servers for preemption
+            notices. Defaults to None.
+        verbose: 0 or 1. Log each save and what a resume restored.
+            Defaults to 1.
+
+    Example:
+
+    ```python
+    reduce_lr = keras.callbacks.ReduceLROnPlateau(monitor="val_loss")
+    ckpt = keras_ckpt.Checkpoint(
+        directory="checkpoints", save_freq=500, max_to_keep=3,
+        monitor="val_loss", keep_best=1, state={"plateau": reduce_lr})
+    model.fit(ds, epochs=20, validation_data=val_ds,
+              callbacks=[ckpt, reduce_lr])
+    ```
+    """
+
+    def __init__(
+        self,
+        directory=None,
+        mirror=None,
+        save_freq="epoch",
+        save_every_seconds=None,
+        max_to_keep=3,
+        keep_every_n_hours=None,
+        monitor=None,
+        mode="auto",
+        keep_best=1,
+        state=None,
+        resume=True,
+        async_save=True,
+        when_busy="wait",
+        flush_timeout=None,
+        on_preemption="exit",
+        preemption_grace_seconds=25.0,
+        preemption_watch=None,
+        verbose=1,
+    ):
+        super().__init__()
+        _check_save_freq(save_freq)
+        _check_optional_positive("save_every_seconds", save_every_seconds)
+        _check_optional_positive("keep_every_n_hours", keep_every_n_hours)
+        _check_optional_positive("flush_timeout", flush_timeout)
+        _check_optional_positive(
+            "preemption_grace_seconds", preemption_grace_seconds
+        )
+        if max_to_keep is not None and (
+            not _is_int(max_to_keep) or max_to_keep < 1
+        ):
+            _invalid("max_to_keep", max_to_keep, "a positive int or None")
+        if not _is_int(keep_best) or keep_best < 0:
+            _invalid("keep_best", keep_best, "a non-negative int")
+        if mode not in ("auto", "min", "max"):
+            _invalid("mode", mode, '"auto", "min" or "max"')
+        if monitor is not None and not isinstance(monitor, str):
+            _invalid("monitor", monitor, "a metric name such as 'val_loss'")
+        if not (
+            isinstance(resume, (str, os.PathLike))
+            or any(resume is w or resume == w for w in _RESUME_WORDS
+                   if not isinstance(w, bool) or isinstance(resume, bool))
+        ):
+            _invalid("resume", resume,
+                     'True, "latest", "best", False, or a checkpoint path/URL')
+        if resume == "best" and monitor is None:
+            raise ValueError(
+                'Invalid value for argument `resume`. resume="best" needs '
+                "`monitor` (e.g. monitor='val_loss')."
+            )
+        if when_busy not in writer_lib.WHEN_BUSY:
+            _invalid("when_busy", when_busy, '"wait" or "skip"')
+        if on_preemption not in _PREEMPTION:
+            _invalid("on_preemption", on_preemption, '"exit", "stop" or None')
+        if verbose not in (0, 1, 2, True, False):
+            _invalid("verbose", verbose, "0 or 1")
+        if not isinstance(async_save, bool):
+            _invalid("async_save", async_save, "True or False")
+
+        paths = sources.resolve_paths(directory, mirror)
+        self.platform = paths.platform
+        self.directory = paths.directory
+        self.uploader = paths.uploader
+        sources.check_local_directory(self.directory, argument="directory")
+
+        self.save_freq = save_freq
+        self.save_every_seconds = save_every_seconds
+        self.monitor = monitor
+        self.mode = manager_lib.resolve_mode(monitor, mode)
+        self.retention = manager_lib.RetentionPolicy(
+            max_to_keep=max_to_keep,
+            keep_every_n_hours=keep_every_n_hours,
+            monitor=monitor,
+            mode=self.mode,
+            keep_best=keep_best if monitor is not None else 0,
+        )
+        self.resume = resume
+        self.async_save = async_save
+        self.when_busy = when_busy
+        self.flush_timeout = flush_timeout
+        self.on_preemption = on_preemption
+        self.preemption_grace_seconds = float(preemption_grace_seconds)
+        self.preemption_watch = preemption_watch
+        self.verbose = int(verbose)
+        self._entries = state_lib.parse_state_argument(state)
+        self._store = manager_lib.LocalCheckpoints(self.directory)
+        self._writer = writer_lib.BackgroundWriter()
+        self._patched = {}
+        self.preempted = False
+        self.restored = None  # CheckpointInfo of the checkpoint resumed from
+        self.last_saved = None  # Manifest of the newest committed checkpoint
+        self._reset_run_state()
+
+    # ------------------------------------------------------------------
+    # Run state
+    # ------------------------------------------------------------------
+    def _reset_run_state(self):
+        self._epoch = 0
+        self._batch = 0  # batches of self._epoch already trained
+        self._step = 0  # global batch count
+        self._since_save = 0
+        self._last_save_time = time.monotonic()
+        self._pending = None  # logs of a requested save, taken at a quiet point
+        self._saved_step = None
+        self._history = {}
+        self._history_epochs = []
+        self._skip_until = None
+        self._pending_metrics = None
+        self._pending_values = None
+        self._pending_history = None
+        self._began = set()
+        self._preemption = None
+        self._ended_epoch = None
+
+    @property
+    def _training_state(self):
+        return state_lib.TrainingState(self.model, self._entries)
+
+    # ------------------------------------------------------------------
+    # Keras hooks
+    # ------------------------------------------------------------------
+    def set_model(self, model):
+        super().set_model(model)
+        # Callbacks in `state=` reset themselves in their own
+        # `on_train_begin`; re-apply the restored state right after it, and
+        # mute their batch hooks while the interrupted epoch's already-trained
+        # batches are skipped.
+        for entry in self._entries:
+            if entry.is_callback and entry.name not in self._patched:
+                self._patch_callback(entry)
+
+    def on_train_begin(self, logs=None):
+        self._reset_run_state()
+        self.preempted = False
+        self._writer.check_for_errors()
+        if self.uploader is not None:
+            self.uploader.check()
+        self._store.ensure_directory()
+        self._log_platform()
+        self._restore_at_start()
+        self._install_preemption()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._batch = 0 if self._skip_until is None else self._batch
+        if self._pending_values is not None:
+            # Callbacks that are not in fit's list never ran on_train_begin.
+            self._apply_callback_values(None)
+        if self._pending_history is not None:
+            self._prefill_history()
+        if self._pending_metrics is not None and self._skip_until is None:
+            self._pending_metrics = None
+        self._quiet_point()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._skip_until is not None and batch < self._skip_until:
+            return
+        self._quiet_point()
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = batch + 1
+        if done <= self._batch:
+            return  # a batch skipped on resume: trained before the restart
+        self._step += done - self._batch
+        self._since_save += done - self._batch
+        self._batch = done
+        if self._skip_until is not None:
+            self._skip_until = None
+        if isinstance(self.save_freq, int) and self._since_save >= self.save_freq:
+            self._pending = dict(logs or {})
+        elif self._time_to_save():
+            self._pending = dict(logs or {})
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Keep a reference, not a copy: callbacks after this one add to the
+        # same dict (ReduceLROnPlateau adds `learning_rate`). Both the history
+        # and a save are taken at the next quiet point, once every callback
+        # has seen this epoch's end (and may have changed the LR).
+        logs = logs if logs is not None else {}
+        self._skip_until = None
+        self._epoch = epoch + 1
+        self._batch = 0
+        if self.preempted:
+            return
+        self._ended_epoch = (epoch, logs)
+        if self.save_freq == "epoch" or self._pending is not None or (
+            self._time_to_save()
+        ):
+            self._pending = logs
+
+    def _record_epoch(self):
+        if self._ended_epoch is None:
+            return
+        epoch, logs = self._ended_epoch
+        self._ended_epoch = None
+        self._history_epochs.append(epoch)
+        for key, value in logs.items():
+            self._history.setdefault(key, []).append(_to_float(value))
+
+    def on_train_end(self, logs=None):
+        try:
+            if self._pending_history is not None:
+                self._prefill_history()
+            self._record_epoch()
+            if not self.preempted:
+                final_logs = self._pending if self._pending is not None else (
+                    dict(logs or {})
+                )
+                if self._step != self._saved_step:
+                    self._save(final_logs)
+            self._writer.wait_until_finished(self.flush_timeout)
+        finally:
+            self._uninstall_preemption()
+            self._unpatch_callbacks()
+            self.model._initial_epoch = None
+            self._restore_train_function()
+
+    # ------------------------------------------------------------------
+    # Saving
+    # ------------------------------------------------------------------
+    def _time_to_save(self):
+        return (
+            self.save_every_seconds is not None
+            and time.monotonic() - self._last_save_time
+            >= self.save_every_seconds
+        )
+
+    def _quiet_point(self):
+        """A point where no callback is mid-update: save, check, preempt."""
+        self._writer.check_for_errors()
+        self._record_epoch()
+        if self._preemption is not None and self._preemption.requested:
+            self._handle_preemption()
+            return
+        if self._pending is not None:
+            self._save(self._pending)
+
+    def _save(self, logs, synchronous=False):
+        self._pending = None
+        self._since_save = 0
+        self._last_save_time = time.monotonic()
+        if self._step == self._saved_step:
+            return
+        snapshot = self._training_state.snapshot()
+        position = dict(step=self._step, epoch=self._epoch, batch=self._batch)
+        history = {"epochs": list(self._history_epochs),
+                   "logs": {k: list(v) for k, v in self._history.items()}}
+        metadata = sources.metadata(self.model)
+        self._saved_step = self._step
+
+        def job():
+            start = time.perf_counter()
+            manifest = self._store.write(
+                snapshot, metrics=logs, history=history, metadata=metadata,
+                **position,
+            )
+            kept = self._store.retain(self.retention, protect=self._protect())
+            self.last_saved = manifest
+            if self.uploader is not None:
+                self.uploader.mirror(
+                    self.directory, manifest.name, [m.name for m in kept]
+                )
+            if self.verbose:
+                where = f" and {self.uploader.url}" if self.uploader else ""
+                io_utils.print_msg(
+                    f"\nkeras_ckpt: saved {manifest.name} (epoch "
+                    f"{manifest.epoch}, batch {manifest.batch}, "
+                    f"{manifest.total_bytes / 1e6:.1f} MB) to "
+                    f"{self.directory}{where} in "
+                    f"{time.perf_counter() - start:.2f} s"
+                )
+
+        if self.async_save and not synchronous:
+            if not self._writer.submit(job, when_busy=self.when_busy):
+                self._saved_step = None
+                if self.verbose:
+                    io_utils.print_msg(
+                        f"\nkeras_ckpt: skipped the save at step {self._step}: "
+                        "the previous checkpoint is still being written."
+                    )
+        else:
+            self._writer.wait_until_finished(self.flush_timeout)
+            job()
+
+    def _protect(self):
+        return {self.restored.name} if self.restored and self.restored.path and (
+            os.path.dirname(self.restored.path) == self.directory
+        ) else set()
+
+    # ------------------------------------------------------------------
+    # Resuming
+    # ------------------------------------------------------------------
+    def _restore_at_start(self):
+        found = sources.find_resume_checkpoint(
+            self.resume, self._store, self.uploader, self.retention
+        )
+        if found is None:
+            if self.verbose:
+                io_utils.print_msg(
+                    f"keras_ckpt: no checkpoint to resume from in "
+                    f"{self.directory}; starting from scratch."
+                )
+            return
+        manifest, store, origin = found
+        self._check_no_newer(manifest)
+        if not self.model.built:
+            raise ValueError(
+                "keras_ckpt.Checkpoint needs a built model to resume from "
+                f"{store.prefix(manifest.name)}. Build it before fit(), e.g. "
+                "with keras.Input(...) or by calling it on a batch of data."
+            )
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is not None and not optimizer.built:
+            # Otherwise the optimizer's slots would be created (and zeroed)
+            # after the restore.
+            optimizer.build(self.model.trainable_variables)
+        training_state = self._training_state
+        training_state.check_compatible(
+            manifest.variables, store.prefix(manifest.name)
+        )
+        arrays = store.read_arrays(manifest)
+        groups = [g for g in manifest.variables if g not in ("metrics",)]
+        training_state.assign(arrays, groups)
+
+        self._epoch, self._batch, self._step = (
+            manifest.epoch, manifest.batch, manifest.step,
+        )
+        self._saved_step = manifest.step
+        self.model._initial_epoch = manifest.epoch
+        self._pending_values = (manifest.state, arrays)
+        self._apply_callback_values(self._began)
+        history = manifest.history or {}
+        self._history_epochs = list(history.get("epochs", []))
+        self._history = {k: list(v) for k, v in history.get("logs", {}).items()}
+        self._pending_history = True
+        if manifest.batch > 0:
+            self._pending_metrics = (
+                manifest.variables.get("metrics", []), arrays.get("metrics", [])
+            )
+            self._skip_until = manifest.batch
+            self._install_skip(manifest.batch)
+        self.restored = sources.info(manifest, store, origin)
+        if self.verbose:
+            io_utils.print_msg(
+                f"keras_ckpt: resumed from {origin}: step {manifest.step}, "
+                f"epoch {manifest.epoch}, batch {manifest.batch}"
+                + (f" (skipping the {manifest.batch} batches of epoch "
+                   f"{manifest.epoch} already trained)" if manifest.batch else "")
+            )
+
+    def _check_no_newer(self, manifest):
+        """Branching must not mix with a newer run already in `directory`."""
+        newer = [m for m in self._store.manifests() if m.step > manifest.step]
+        if newer and self.resume not in (True, "latest", "best"):
+            raise IncompatibleCheckpointError(
+                f"{self.directory} already holds checkpoints newer than the "
+                f"one you resume from ({newer[-1].name} > {manifest.name}). "
+                "Use another `directory` for the branched run."
+            )
+
+    def _install_skip(self, n_batches):
+        """Consumes the already-trained batches of the interrupted epoch.
+
+        Keras' `fit` has no initial step, so for the first calls of the
+        resumed epoch `train_function` is replaced by one that only pulls the
+        batches from the iterator, without training on them.
+        """
+        model = self.model
+        original = model.train_function
+        steps_per_execution = max(1, int(getattr(model, "steps_per_execution", 1)))
+        remaining = [n_batches]
+
+        def skip_or_train(iterator):
+            if remaining[0] <= 0:
+                model.train_function = original
+                return original(iterator)
+            count = min(steps_per_execution, remaining[0])
+            for _ in range(count):
+                batch = next(iterator)
+                if self._pending_metrics is not None:
+                    self._restore_metrics(batch)
+            remaining[0] -= count
+            return model.get_metrics_result()
+
+        self._original_train_function = original
+        model.train_function = skip_or_train
+
+    def _restore_train_function(self):
+        original = getattr(self, "_original_train_function", None)
+        if original is not None:
+            self.model.train_function = original
+            self._original_train_function = None
+
+    def _restore_metrics(self, data_batch):
+        specs, arrays = self._pending_metrics
+        self._pending_metrics = None
+        model = self.model
+        compile_metrics = getattr(model, "_compile_metrics", None)
+        if compile_metrics is not None and not compile_metrics.built:
+            try:
+                model._symbolic_build(data_batch=data_batch)
+            except Exception:  # metrics stay as they are; weights are exact
+                pass
+        live = self._training_state.specs().get("metrics", [])
+        if [s[1:] for s in live] != [s[1:] for s in specs]:
+            if self.verbose:
+                io_utils.print_msg(
+                    "keras_ckpt: this epoch's running metrics could not be "
+                    "restored (the compiled metrics changed); they restart "
+                    "from the resumed batch."
+                )
+            return
+        self._training_state.assign({"metrics": arrays}, ["metrics"])
+
+    def _apply_callback_values(self, names):
+        values, arrays = self._pending_values
+        self._training_state.apply_values(values, arrays, names)
+        if names is None:
+            self._pending_values = None
+
+    def _prefill_history(self):
+        self._pending_history = None
+        history = getattr(self.model, "history", None)
+        if history is None or not hasattr(history, "history"):
+            return
+        if getattr(history, "epoch", None) == [] and self._history_epochs:
+            history.epoch = list(self._history_epochs)
+            history.history = {k: list(v) for k, v in self._history.items()}
+
+    # ------------------------------------------------------------------
+    # Patching of the callbacks passed in `state=`
+    # ------------------------------------------------------------------
+    def _patch_callback(self, entry):
+        obj = entry.obj
+        originals = {
+            name: obj.__dict__.get(name)
+            for name in ("on_train_begin", "on_train_batch_begin",
+                         "on_train_batch_end")
+        }
+        bound_begin = obj.on_train_begin
+        bound_batch_begin = obj.on_train_batch_begin
+        bound_batch_end = obj.on_train_batch_end
+
+        def on_train_begin(logs=None):
+            bound_begin(logs)
+            self._began.add(entry.name)
+            if self._pending_values is not None:
+                self._apply_callback_values({entry.name})
+
+        def on_train_batch_begin(batch, logs=None):
+            if self._skip_until is None or batch >= self._skip_until:
+                bound_batch_begin(batch, logs)
+
+        def on_train_batch_end(batch, logs=None):
+            if self._skip_until is None or batch >= self._skip_until:
+                bound_batch_end(batch, logs)
+
+        obj.on_train_begin = on_train_begin
+        obj.on_train_batch_begin = on_train_batch_begin
+        obj.on_train_batch_end = on_train_batch_end
+        self._patched[entry.name] = (obj, originals)
+
+    def _unpatch_callbacks(self):
+        for obj, originals in self._patched.values():
+            for name, original in originals.items():
+                if original is None:
+                    obj.__dict__.pop(name, None)
+                else:
+                    setattr(obj, name, original)
+        self._patched = {}
+
+    # ------------------------------------------------------------------
+    # Preemption
+    # ------------------------------------------------------------------
+    def _install_preemption(self):
+        if self.on_preemption is None:
+            return
+        from keras_ckpt import preemption
+
+        self._preemption = preemption.PreemptionHandler(
+            grace_seconds=self.preemption_grace_seconds,
+            watch=self.preemption_watch,
+        )
+        self._preemption.install()
+
+    def _uninstall_preemption(self):
+        if self._preemption is not None:
+            self._preemption.uninstall()
+            self._preemption = None
+
+    def _handle_preemption(self):
+        handler = self._preemption
+        start = time.monotonic()
+        if self.verbose:
+            io_utils.print_msg(
+                f"\nkeras_ckpt: preemption notice ({handler.reason}); saving "
+                f"at epoch {self._epoch}, batch {self._batch} with "
+                f"{handler.remaining():.0f} s left."
+            )
+        try:
+            self._writer.wait_until_finished(max(handler.remaining(), 0.1))
+            if self._step != self._saved_step:
+                self._save(self._pending or {}, synchronous=True)
+        except CheckpointWriteError:
+            raise
+        finally:
+            self.preempted = True
+        if self.verbose:
+            io_utils.print_msg(
+                f"keras_ckpt: preemption checkpoint committed in "
+                f"{time.monotonic() - start:.2f} s."
+            )
+        if self.on_preemption == "exit":
+            self._uninstall_preemption()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            raise SystemExit(PREEMPTED_EXIT_CODE)
+        self.model.stop_training = True
+
+    def _log_platform(self):
+        if self.verbose and self.platform is not None and (
+            self.platform.name != "local"
+        ):
+            io_utils.print_msg(f"keras_ckpt: {self.platform.describe()}")
+
+    # ------------------------------------------------------------------
+    # Flushing
+    # ------------------------------------------------------------------
+    def wait_until_finished(self, timeout=None):
+        """Waits for pending writes and uploads; raises their errors."""
+        self._writer.wait_until_finished(timeout)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _invalid(name, value, expected):
+    raise ValueError(
+        f"Invalid value for argument `{name}`. Received: {name}={value!r}. "
+        f"Expected {expected}."
+    )
+
+
+def _check_save_freq(save_freq):
+    if save_freq == "epoch":
+        return
+    if not _is_int(save_freq) or save_freq < 1:
+        _invalid("save_freq", save_freq, '"epoch" or a positive int')
+
+
+def _check_optional_positive(name, value):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        value <= 0
+    ):
+        _invalid(name, value, "a positive number or None")
+
+
+def _to_float(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value

@@ -1,0 +1,352 @@
+"""The local checkpoint directory: write, commit, read, retain.
+
+This is the only module that touches `tf.train.Checkpoint`. Files keep
+`tf.train.CheckpointManager`'s naming (`ckpt-<N>.data-00000-of-00001`,
+`ckpt-<N>.index`, `checkpoint`), so `tf.train.latest_checkpoint()`,
+`tf.train.load_checkpoint()` and `tf.train.CheckpointManager` read a keras_ckpt
+directory as their own. We do not call `CheckpointManager.save()` because it
+writes the `checkpoint` pointer before we can write the manifest; the commit
+order here is data -> index -> manifest -> pointer, each fsync'ed.
+"""
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from keras_ckpt import manifest as manifest_lib
+from keras_ckpt.errors import CheckpointWriteError, CorruptCheckpointError
+
+logger = logging.getLogger("keras_ckpt")
+
+DATA_SUFFIX = ".data-00000-of-00001"
+INDEX_SUFFIX = ".index"
+_MAX_MODES = ("acc", "auc", "precision", "recall", "f1", "iou", "fmeasure")
+
+
+def resolve_mode(monitor, mode):
+    """"auto" -> "max" for accuracy-like metrics, else "min" (as Keras)."""
+    if mode != "auto" or monitor is None:
+        return mode
+    name = monitor.removeprefix("val_").lower()
+    return "max" if any(key in name for key in _MAX_MODES) else "min"
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionPolicy:
+    """Which checkpoints to keep: the union of three rules.
+
+    Args:
+        max_to_keep: int or None, keep the newest N. None keeps all.
+        keep_every_n_hours: float or None, also keep one checkpoint in every
+            N-hour window.
+        monitor: str or None, the logged metric that ranks checkpoints.
+        mode: "min" or "max" (already resolved from "auto").
+        keep_best: int, also keep the best K checkpoints by `monitor`.
+    """
+
+    max_to_keep: int = 3
+    keep_every_n_hours: float = None
+    monitor: str = None
+    mode: str = "min"
+    keep_best: int = 1
+
+    def best(self, manifests):
+        """Manifests that logged `monitor`, best first."""
+        if self.monitor is None:
+            return []
+        ranked = [
+            m for m in manifests
+            if isinstance(m.metrics.get(self.monitor), (int, float))
+            and np.isfinite(m.metrics[self.monitor])
+        ]
+        return sorted(
+            ranked,
+            key=lambda m: m.metrics[self.monitor],
+            reverse=self.mode == "max",
+        )
+
+    def select(self, manifests):
+        """Names to keep among `manifests` (oldest first)."""
+        keep = set()
+        if self.max_to_keep is None:
+            keep.update(m.name for m in manifests)
+        elif self.max_to_keep > 0:
+            keep.update(m.name for m in manifests[-self.max_to_keep:])
+        if self.keep_every_n_hours:
+            window = self.keep_every_n_hours * 3600.0
+            last = None
+            for m in manifests:
+                if last is None or m.timestamp - last >= window:
+                    keep.add(m.name)
+                    last = m.timestamp
+        keep.update(m.name for m in self.best(manifests)[: self.keep_best])
+        if manifests:
+            keep.add(manifests[-1].name)  # never drop the latest
+        return keep
+
+
+class _TensorList(tf.__internal__.tracking.Trackable):
+    """Serializes a fixed list of tensors under keys `00000`, `00001`, ..."""
+
+    def __init__(self, tensors):
+        self._tensors = tensors
+
+    def _serialize_to_tensors(self):
+        return {f"{i:05d}": t for i, t in enumerate(self._tensors)}
+
+    def _restore_from_tensors(self, restored_tensors):
+        raise NotImplementedError("keras_ckpt reads checkpoints with a reader.")
+
+
+def _attr(group):
+    return group.replace("/", "__")
+
+
+def tensor_key(group, index):
+    """Name of a tensor in the TF checkpoint (see `tf.train.list_variables`)."""
+    return f"{_attr(group)}/.ATTRIBUTES/{index:05d}"
+
+
+class LocalCheckpoints:
+    """A local checkpoint directory following the commit protocol."""
+
+    def __init__(self, directory):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self._warned = set()
+
+    # -- paths ----------------------------------------------------------
+    def prefix(self, name):
+        return os.path.join(self.directory, name)
+
+    def data_files(self, name):
+        return [name + DATA_SUFFIX, name + INDEX_SUFFIX]
+
+    def manifest_path(self, name):
+        return os.path.join(self.directory, manifest_lib.manifest_name(name))
+
+    # -- reading --------------------------------------------------------
+    def _listing(self):
+        try:
+            return os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+
+    def manifests(self, include_incomplete=False):
+        """Manifests of the directory's checkpoints, oldest first.
+
+        Checkpoints whose manifest is unreadable or whose files are missing
+        or truncated are skipped with a warning (listed with
+        `include_incomplete=True`, as `(manifest_or_None, problems)`).
+        """
+        result = []
+        for name in manifest_lib.names_from_listing(self._listing()):
+            path = self.manifest_path(name)
+            try:
+                manifest = manifest_lib.Manifest.read(path)
+                problems = manifest_lib.local_problems(self.directory, manifest)
+            except (OSError, CorruptCheckpointError) as e:
+                manifest, problems = None, [str(e)]
+            if problems:
+                self._warn_broken(name, problems)
+                if include_incomplete:
+                    result.append((manifest, problems))
+                continue
+            result.append((manifest, []) if include_incomplete else manifest)
+        return result
+
+    def _warn_broken(self, name, problems):
+        if name in self._warned:
+            return
+        self._warned.add(name)
+        logger.warning(
+            "keras_ckpt: skipping incomplete checkpoint %s: %s",
+            self.prefix(name), "; ".join(problems),
+        )
+
+    def get(self, name):
+        for manifest in self.manifests():
+            if manifest.name == name:
+                return manifest
+        return None
+
+    def read_arrays(self, manifest, verify=False):
+        """Reads a checkpoint's tensors: {group: [np.ndarray]} (+ rng_paths)."""
+        if verify:
+            problems = manifest_lib.local_problems(
+                self.directory, manifest, checksums=True
+            )
+            if problems:
+                raise CorruptCheckpointError(
+                    f"Checkpoint {self.prefix(manifest.name)} is damaged: "
+                    + "; ".join(problems)
+                )
+        try:
+            reader = tf.train.load_checkpoint(self.prefix(manifest.name))
+            arrays = {
+                group: [
+                    reader.get_tensor(tensor_key(group, i))
+                    for i in range(len(specs))
+                ]
+                for group, specs in manifest.variables.items()
+            }
+        except (tf.errors.OpError, ValueError) as e:
+            raise CorruptCheckpointError(
+                f"Checkpoint {self.prefix(manifest.name)} cannot be read: "
+                f"{getattr(e, 'message', e)}"
+            ) from None
+        arrays["rng_paths"] = [s[0] for s in manifest.variables.get("rng", [])]
+        return arrays
+
+    # -- writing --------------------------------------------------------
+    def ensure_directory(self):
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"Cannot create checkpoint directory {self.directory}: "
+                f"{e.strerror or e}."
+            ) from e
+
+    def write(self, snapshot, *, step, epoch, batch, metrics=None,
+              history=None, metadata=None):
+        """Writes and commits checkpoint `ckpt-<step>`; returns its Manifest.
+
+        On any failure the partial files of this checkpoint are removed and
+        `CheckpointWriteError` is raised; earlier checkpoints are untouched.
+        """
+        name = manifest_lib.checkpoint_name(step)
+        self.ensure_directory()
+        self._remove_files(name)  # leftovers of an earlier crashed save
+        try:
+            trackables = {
+                _attr(group): _TensorList(tensors)
+                for group, tensors in snapshot.tensors.items()
+            }
+            tf.train.Checkpoint(**trackables).write(self.prefix(name))
+            for filename in self.data_files(name):
+                _fsync_file(os.path.join(self.directory, filename))
+            manifest_lib.fsync_dir(self.directory)
+            manifest = manifest_lib.Manifest(
+                name=name,
+                step=int(step),
+                epoch=int(epoch),
+                batch=int(batch),
+                timestamp=time.time(),
+                files=manifest_lib.describe_files(
+                    self.directory, self.data_files(name)
+                ),
+                metrics=_clean_metrics(metrics or {}),
+                variables=snapshot.specs,
+                state=snapshot.values,
+                history=history or {},
+                metadata=metadata or {},
+            )
+            manifest_lib.atomic_write(
+                self.manifest_path(name), manifest.to_json()
+            )
+        except BaseException as e:
+            self._remove_files(name)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise CheckpointWriteError(
+                f"Could not write checkpoint {self.prefix(name)}: "
+                f"{_describe_error(e)}. Earlier checkpoints are intact."
+            ) from e
+        return manifest
+
+    def write_pointer(self, manifests, last_preserved_timestamp=None):
+        """Points `checkpoint` at `manifests` (oldest first, last = latest)."""
+        if not manifests:
+            return
+        text = manifest_lib.format_pointer(
+            [m.name for m in manifests],
+            [m.timestamp for m in manifests],
+            last_preserved_timestamp,
+        )
+        try:
+            manifest_lib.atomic_write(
+                os.path.join(self.directory, manifest_lib.POINTER_NAME), text
+            )
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"Could not update {self.directory}/checkpoint: "
+                f"{_describe_error(e)}. Earlier checkpoints are intact."
+            ) from e
+
+    def retain(self, policy, protect=()):
+        """Deletes checkpoints outside `policy`; returns the kept manifests.
+
+        Also removes files of checkpoints that never committed (no manifest)
+        and are older than the newest committed one.
+        """
+        manifests = self.manifests()
+        keep = policy.select(manifests) | set(protect)
+        kept = [m for m in manifests if m.name in keep]
+        self.write_pointer(kept)
+        for m in manifests:
+            if m.name not in keep:
+                self.delete(m.name)
+        newest = manifests[-1].step if manifests else -1
+        committed = {m.name for m in manifests}
+        for filename in self._listing():
+            base = filename.split(".", 1)[0].split("_temp", 1)[0]
+            step = manifest_lib.step_of(base)
+            if step is not None and step < newest and base not in committed:
+                if not os.path.exists(self.manifest_path(base)):
+                    self._remove_files(base)
+        return kept
+
+    def delete(self, name):
+        """Deletes a checkpoint: manifest first, so it stops being complete."""
+        try:
+            os.remove(self.manifest_path(name))
+        except FileNotFoundError:
+            pass
+        self._remove_files(name)
+
+    def _remove_files(self, name):
+        for filename in self._listing():
+            if filename == manifest_lib.manifest_name(name):
+                continue
+            if filename.startswith(name + ".") or filename.startswith(
+                name + "_temp"
+            ):
+                path = os.path.join(self.directory, filename)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    try:
+                        os.remove(path)
+                    except FileNotFoundError:
+                        pass
+
+
+def _fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _describe_error(e):
+    if isinstance(e, tf.errors.OpError):
+        return e.message.splitlines()[0]
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} ({e.filename or ''})".replace(" ()", "")
+    return str(e) or type(e).__name__
+
+
+def _clean_metrics(metrics):
+    clean = {}
+    for key, value in metrics.items():
+        try:
+            clean[str(key)] = float(np.asarray(value))
+        except (TypeError, ValueError):
+            continue
+    return clean

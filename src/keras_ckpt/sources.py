@@ -1,0 +1,246 @@
+"""Where checkpoints live: the local directory, a mirror URL, a branch path.
+
+Resolves `Checkpoint(directory=..., mirror=...)` against the platform presets
+and picks the checkpoint a run resumes from: the newest complete one, local
+or mirrored, or the best one, or one named by path/URL.
+"""
+
+import dataclasses
+import json
+import os
+import platform as python_platform
+import tempfile
+
+from keras_ckpt import manifest as manifest_lib
+from keras_ckpt.errors import (
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+)
+
+
+@dataclasses.dataclass
+class Paths:
+    directory: str
+    uploader: object
+    platform: object
+
+
+def _detect_platform():
+    from keras_ckpt.platforms import detect_platform
+
+    return detect_platform()
+
+
+def resolve_paths(directory, mirror):
+    """Applies the platform preset to `directory` and `mirror`."""
+    platform = _detect_platform()
+    if directory is None:
+        directory = platform.checkpoint_dir
+    if mirror is None:
+        mirror = platform.mirror_url
+    uploader = None
+    if mirror is not None:
+        from keras_ckpt.uploaders import get_uploader
+
+        try:
+            uploader = get_uploader(mirror)
+        except ValueError as e:
+            raise ValueError(f"Invalid value for argument `mirror`. {e}") from e
+    return Paths(
+        directory=os.path.abspath(os.fspath(directory)),
+        uploader=uploader,
+        platform=platform,
+    )
+
+
+def check_local_directory(path, argument="directory"):
+    """Fails early if `path` cannot hold checkpoints; creates nothing."""
+    probe_dir = path
+    while not os.path.exists(probe_dir):
+        parent = os.path.dirname(probe_dir)
+        if parent == probe_dir:
+            break
+        probe_dir = parent
+    if not os.path.isdir(probe_dir):
+        raise CheckpointWriteError(
+            f"Invalid value for argument `{argument}`: {probe_dir} is a file, "
+            f"not a directory, so {path} cannot hold checkpoints."
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".keras_ckpt-probe-", dir=probe_dir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointWriteError(
+            f"Invalid value for argument `{argument}`: cannot write to "
+            f"{probe_dir} ({e.strerror or e}). Choose a writable directory."
+        ) from None
+
+
+def metadata(model):
+    """Versions, platform and (when serializable) the model's config."""
+    import keras
+    import tensorflow as tf
+
+    from keras_ckpt import __version__
+
+    config = None
+    try:
+        config = keras.saving.serialize_keras_object(model)
+        json.dumps(config)
+    except Exception:  # subclassed models without get_config()
+        config = None
+    return {
+        "versions": {
+            "keras_ckpt": __version__,
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "python": python_platform.python_version(),
+        },
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "model_config": config,
+    }
+
+
+def info(manifest, store, origin=None):
+    url = origin if origin and "://" in str(origin) else None
+    return manifest_lib.CheckpointInfo.from_manifest(
+        manifest, path=store.prefix(manifest.name), url=url
+    )
+
+
+def _is_url(value):
+    return isinstance(value, str) and "://" in value
+
+
+def split_checkpoint_url(url):
+    """`s3://b/p/ckpt-12` -> (`s3://b/p`, `ckpt-12`); a dir URL -> (url, None)."""
+    base, _, last = url.rstrip("/").rpartition("/")
+    if manifest_lib.step_of(last.removesuffix(".json")) is not None:
+        return base, last.removesuffix(".json")
+    return url.rstrip("/"), None
+
+
+def local_source(path):
+    """(LocalCheckpoints, name or None) for a directory or `.../ckpt-N` path."""
+    from keras_ckpt.manager import LocalCheckpoints
+
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        return LocalCheckpoints(path), None
+    base = os.path.basename(path).removesuffix(".json").removesuffix(".index")
+    if manifest_lib.step_of(base) is not None:
+        return LocalCheckpoints(os.path.dirname(path)), base
+    raise CheckpointNotFoundError(
+        f"{path} is neither a checkpoint directory nor a checkpoint "
+        "(expected a directory or a path like .../ckpt-120)."
+    )
+
+
+def pick(manifests, which, retention=None, source=""):
+    """The manifest named by `which`: "latest", "best" or a step/name."""
+    if not manifests:
+        raise CheckpointNotFoundError(f"No complete checkpoint in {source}.")
+    if which in (None, "latest", True):
+        return manifests[-1]
+    if which == "best":
+        best = retention.best(manifests) if retention else []
+        if not best:
+            raise CheckpointNotFoundError(
+                f"No checkpoint in {source} logged the monitored metric "
+                f"{getattr(retention, 'monitor', None)!r}."
+            )
+        return best[0]
+    name = which if isinstance(which, str) and which.startswith("ckpt-") else (
+        manifest_lib.checkpoint_name(which)
+    )
+    for manifest in manifests:
+        if manifest.name == name:
+            return manifest
+    raise CheckpointNotFoundError(
+        f"No complete checkpoint {name} in {source}; complete ones: "
+        + ", ".join(m.name for m in manifests)
+    )
+
+
+def fetch_remote(uploader, which, local_dir, retention=None):
+    """Downloads the chosen complete remote checkpoint into `local_dir`."""
+    from keras_ckpt.manager import LocalCheckpoints
+
+    infos = [i for i in uploader.list_checkpoints() if i.complete]
+    manifests = [uploader.read_manifest(i.name) for i in infos]
+    chosen = pick(manifests, which, retention, source=uploader.url)
+    store = LocalCheckpoints(local_dir)
+    store.ensure_directory()
+    if store.get(chosen.name) is None:
+        uploader.download_checkpoint(chosen.name, store.directory)
+    manifest = store.get(chosen.name)
+    if manifest is None:
+        raise CheckpointNotFoundError(
+            f"Downloaded {uploader.url}/{chosen.name} but it is incomplete "
+            f"in {store.directory}."
+        )
+    return manifest, store
+
+
+def find_resume_checkpoint(resume, store, uploader, retention):
+    """Returns (manifest, store, origin) of the checkpoint to resume, or None."""
+    if resume is False:
+        existing = store.manifests()
+        if existing:
+            raise ValueError(
+                f"Invalid value for argument `resume`: resume=False, but "
+                f"{store.directory} already holds checkpoints (latest "
+                f"{existing[-1].name}); a fresh run would mix with them. "
+                "Delete them, choose another `directory`, or resume."
+            )
+        return None
+    if resume in (True, "latest", "best"):
+        which = "best" if resume == "best" else "latest"
+        local = store.manifests()
+        candidates = []
+        if local:
+            candidates.append(
+                (pick(local, which, retention, store.directory), store,
+                 store.directory)
+            )
+        if uploader is not None:
+            remote = [i for i in uploader.list_checkpoints() if i.complete]
+            if remote:
+                remote_manifests = [uploader.read_manifest(i.name) for i in remote]
+                best_remote = pick(remote_manifests, which, retention, uploader.url)
+                local_names = {m.name for m in local}
+                if best_remote.name not in local_names and (
+                    not candidates
+                    or _better(best_remote, candidates[0][0], which, retention)
+                ):
+                    manifest, _ = fetch_remote(
+                        uploader, best_remote.name, store.directory
+                    )
+                    candidates = [(manifest, store, uploader.url)]
+        if not candidates:
+            return None
+        return candidates[0]
+    # A path or URL to branch from.
+    if _is_url(resume) and not resume.startswith("file://"):
+        from keras_ckpt.uploaders import get_uploader
+
+        base, name = split_checkpoint_url(resume)
+        remote = get_uploader(base)
+        cache = os.path.join(store.directory, ".branch-cache")
+        manifest, branch_store = fetch_remote(
+            remote, name or "latest", cache
+        )
+        return manifest, branch_store, f"{base}/{manifest.name}"
+    path = resume.removeprefix("file://") if isinstance(resume, str) else resume
+    branch_store, name = local_source(path)
+    manifest = pick(branch_store.manifests(), name or "latest", retention,
+                    branch_store.directory)
+    return manifest, branch_store, branch_store.prefix(manifest.name)
+
+
+def _better(candidate, current, which, retention):
+    if which == "latest":
+        return candidate.step > current.step
+    ranked = retention.best([candidate, current])
+    return bool(ranked) and ranked[0] is candidate

@@ -1,0 +1,412 @@
+"""What a checkpoint holds.
+
+`TrainingState` gathers every value that decides the next training step:
+
+- `model`: `model.variables` — trainable and non-trainable weights *and* the
+  states of the model's `SeedGenerator`s (dropout RNG), which
+  `tf.train.Checkpoint(model=model)` silently omits in Keras 3;
+- `optimizer`: `optimizer.variables` (hence `iterations` and the learning-rate
+  schedule position, and a float learning rate changed by a callback);
+- `metrics`: `model.metrics_variables`, so a mid-epoch resume logs the same
+  epoch metrics as an uninterrupted run;
+- `rng`: Keras' global `SeedGenerator` and TF's global `tf.random.Generator`,
+  when the program created them;
+- `state/<name>`: every object passed in `Checkpoint(state=...)` — Keras
+  callbacks through built-in adapters, objects with `get_state()`/
+  `set_state()`, and TensorFlow/Keras variables, generators and modules.
+
+A snapshot is a set of tensors (written by `manager.py`) plus JSON-able values
+(written to the manifest). Snapshot tensors are the variables' current
+buffers: TensorFlow copies a variable's buffer before updating it in place
+while a reader still holds it, so a snapshot stays consistent while training
+continues, at the cost of one copy of the variables that the next step
+updates.
+"""
+
+import dataclasses
+import numbers
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_ckpt.errors import IncompatibleCheckpointError
+
+# ---------------------------------------------------------------------------
+# Adapters for objects passed in `state=`.
+# ---------------------------------------------------------------------------
+
+_MONITOR_FIELDS = {
+    keras.callbacks.EarlyStopping: (
+        "wait", "stopped_epoch", "best", "best_epoch", "best_weights",
+    ),
+    keras.callbacks.ReduceLROnPlateau: ("wait", "cooldown_counter", "best"),
+    keras.callbacks.ModelCheckpoint: (
+        "best", "_batches_seen_since_last_saving", "_last_batch_seen",
+    ),
+}
+# Callbacks whose behaviour depends only on the epoch and the optimizer state,
+# both of which are restored: accepted in `state=` with nothing to save.
+_STATELESS = (
+    keras.callbacks.LearningRateScheduler,
+    keras.callbacks.TerminateOnNaN,
+)
+
+
+class _AttributeAdapter:
+    """get_state/set_state over a fixed list of attributes of a callback."""
+
+    def __init__(self, obj, fields):
+        self.obj = obj
+        self.fields = fields
+
+    def get_state(self):
+        state = {}
+        for field in self.fields:
+            value = getattr(self.obj, field, None)
+            if isinstance(value, list) and value and all(
+                isinstance(v, np.ndarray) for v in value
+            ):
+                value = [np.array(v, copy=True) for v in value]
+            state[field] = value
+        return state
+
+    def set_state(self, state):
+        for field in self.fields:
+            if field in state:
+                setattr(self.obj, field, state[field])
+
+
+class _ObjectAdapter:
+    """An object with its own `get_state()` / `set_state(dict)`."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def get_state(self):
+        state = self.obj.get_state()
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"{type(self.obj).__name__}.get_state() must return a dict. "
+                f"Received: {type(state).__name__}"
+            )
+        return state
+
+    def set_state(self, state):
+        self.obj.set_state(state)
+
+
+def _trackable_variables(obj):
+    """Variables of a TF/Keras stateful object, or None if it is not one."""
+    if isinstance(obj, (tf.Variable, keras.Variable)):
+        return [obj]
+    if isinstance(obj, tf.random.Generator):
+        return [obj.state]
+    if isinstance(obj, keras.random.SeedGenerator):
+        return [obj.state]
+    if isinstance(obj, (keras.layers.Layer, keras.metrics.Metric)):
+        return list(obj.variables)
+    if isinstance(obj, keras.optimizers.Optimizer):
+        return list(obj.variables)
+    if isinstance(obj, tf.Module):
+        return list(obj.variables)
+    return None
+
+
+def _callback_adapter(obj):
+    for cls, fields in _MONITOR_FIELDS.items():
+        if isinstance(obj, cls) and not _has_own_state_methods(obj):
+            return _AttributeAdapter(obj, fields)
+    if _has_own_state_methods(obj):
+        return _ObjectAdapter(obj)
+    if isinstance(obj, _STATELESS):
+        return _AttributeAdapter(obj, ())
+    return None
+
+
+def _has_own_state_methods(obj):
+    return callable(getattr(obj, "get_state", None)) and callable(
+        getattr(obj, "set_state", None)
+    )
+
+
+@dataclasses.dataclass
+class StateEntry:
+    """One object passed in `state=`: either variables or an adapter."""
+
+    name: str
+    obj: object
+    variables: list = None
+    adapter: object = None
+
+    @property
+    def is_callback(self):
+        return isinstance(self.obj, keras.callbacks.Callback)
+
+
+def parse_state_argument(state):
+    """Validates `Checkpoint(state=...)`; returns a list of `StateEntry`."""
+    if state is None:
+        return []
+    if not isinstance(state, dict):
+        raise ValueError(
+            "Invalid value for argument `state`. Expected a dict mapping "
+            "names to callbacks, TF/Keras variables or objects with "
+            f"get_state()/set_state(). Received: state={state!r}"
+        )
+    entries = []
+    for name, obj in state.items():
+        if not isinstance(name, str) or not name.replace("_", "").isalnum():
+            raise ValueError(
+                "Invalid value for argument `state`: keys must be names made "
+                f"of letters, digits and underscores. Received: {name!r}"
+            )
+        variables = _trackable_variables(obj)
+        adapter = None if variables is not None else _callback_adapter(obj)
+        if variables is None and adapter is None:
+            raise ValueError(
+                f"Invalid value for argument `state`: state[{name!r}] is a "
+                f"{type(obj).__name__}, which keras_ckpt cannot save. Pass a "
+                "Keras callback with a built-in adapter (EarlyStopping, "
+                "ReduceLROnPlateau, ModelCheckpoint, LearningRateScheduler), "
+                "an object with get_state() -> dict and set_state(dict), or a "
+                "tf.Variable / keras.Variable / tf.random.Generator / tf.Module."
+            )
+        entries.append(StateEntry(name, obj, variables, adapter))
+    return entries
+
+
+# ---------------------------------------------------------------------------
+# Snapshots.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """A consistent copy of everything a checkpoint holds, at one step.
+
+    Attributes:
+        tensors: {group: [tensor, ...]} in the order of `specs`.
+        specs: {group: [[path, shape, dtype], ...]}, stored in the manifest.
+        values: {name: JSON-able dict} of the `state=` adapters.
+    """
+
+    tensors: dict
+    specs: dict
+    values: dict
+
+    @property
+    def nbytes(self):
+        return sum(
+            int(np.prod(t.shape)) * t.dtype.size
+            for group in self.tensors.values()
+            for t in group
+        )
+
+
+def _spec(path, variable):
+    return [path, [int(d) for d in variable.shape], _dtype_name(variable)]
+
+
+def _dtype_name(variable):
+    dtype = variable.dtype
+    return dtype if isinstance(dtype, str) else tf.as_dtype(dtype).name
+
+
+def _read(variable):
+    # The variable's current buffer; see the module docstring for why holding
+    # it is a consistent snapshot.
+    return tf.convert_to_tensor(variable)
+
+
+def _encode_value(name, key, value, arrays):
+    """JSON-able form of an adapter value; arrays go to `arrays`."""
+    if isinstance(value, np.ndarray):
+        arrays.append(value)
+        return {"__array__": len(arrays) - 1}
+    if isinstance(value, (list, tuple)) and value and all(
+        isinstance(v, np.ndarray) for v in value
+    ):
+        start = len(arrays)
+        arrays.extend(value)
+        return {"__arrays__": [start, len(arrays)]}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, str, numbers.Number)):
+        return float(value) if isinstance(value, float) else value
+    if isinstance(value, (list, tuple)):
+        return [_encode_value(name, key, v, arrays) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _encode_value(name, k, v, arrays) for k, v in value.items()}
+    if hasattr(value, "numpy"):
+        return _encode_value(name, key, np.asarray(value), arrays)
+    raise TypeError(
+        f"state[{name!r}] returned {key}={value!r} of type "
+        f"{type(value).__name__}; get_state() may return numbers, strings, "
+        "None, numpy arrays, and lists/dicts of those."
+    )
+
+
+def _decode_value(value, arrays):
+    if isinstance(value, dict):
+        if set(value) == {"__array__"}:
+            return arrays[value["__array__"]]
+        if set(value) == {"__arrays__"}:
+            start, stop = value["__arrays__"]
+            return list(arrays[start:stop])
+        return {k: _decode_value(v, arrays) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_value(v, arrays) for v in value]
+    return value
+
+
+class TrainingState:
+    """Everything a checkpoint holds for one model and its `state=` objects."""
+
+    def __init__(self, model, entries=()):
+        self.model = model
+        self.entries = list(entries)
+
+    # -- grouping -------------------------------------------------------
+    def variable_groups(self, include_optimizer=True, include_metrics=True):
+        """{group: [(path, variable)]} with every variable exactly once."""
+        seen = set()
+        groups = {}
+
+        def add(group, variables):
+            items = []
+            for i, v in enumerate(variables):
+                path, v = v if isinstance(v, tuple) else (None, v)
+                if id(v) in seen:
+                    continue
+                seen.add(id(v))
+                items.append((path or getattr(v, "path", None) or f"{group}/{i}", v))
+            groups[group] = items
+
+        add("model", self.model.variables)
+        optimizer = getattr(self.model, "optimizer", None)
+        if include_optimizer and optimizer is not None and optimizer.built:
+            add("optimizer", optimizer.variables)
+        if include_metrics:
+            add("metrics", getattr(self.model, "metrics_variables", []))
+        add("rng", _global_rng_variables())
+        for entry in self.entries:
+            if entry.variables is not None:
+                add(f"state/{entry.name}", entry.variables)
+        return {k: v for k, v in groups.items() if v}
+
+    def specs(self, **kwargs):
+        return {
+            group: [_spec(path, v) for path, v in items]
+            for group, items in self.variable_groups(**kwargs).items()
+        }
+
+    # -- saving ---------------------------------------------------------
+    def snapshot(self):
+        """Takes a consistent `Snapshot` of the current training state."""
+        groups = self.variable_groups()
+        tensors = {g: [_read(v) for _, v in items] for g, items in groups.items()}
+        specs = {
+            g: [_spec(path, v) for path, v in items] for g, items in groups.items()
+        }
+        values = {}
+        for entry in self.entries:
+            if entry.adapter is None:
+                continue
+            arrays = []
+            encoded = {
+                str(k): _encode_value(entry.name, k, v, arrays)
+                for k, v in entry.adapter.get_state().items()
+            }
+            values[entry.name] = encoded
+            if arrays:
+                group = f"adapter/{entry.name}"
+                tensors[group] = [tf.constant(a) for a in arrays]
+                specs[group] = [
+                    [f"{entry.name}/{i}", list(a.shape), str(a.dtype)]
+                    for i, a in enumerate(arrays)
+                ]
+        return Snapshot(tensors=tensors, specs=specs, values=values)
+
+    # -- restoring ------------------------------------------------------
+    def check_compatible(self, saved_specs, source, include_optimizer=True):
+        """Raises `IncompatibleCheckpointError` unless shapes/dtypes match."""
+        live = self.specs(include_optimizer=include_optimizer,
+                          include_metrics=False)
+        for group, live_specs in live.items():
+            if group == "rng":
+                continue
+            saved = saved_specs.get(group)
+            if saved is None:
+                if group == "optimizer" and not saved_specs.get("optimizer"):
+                    continue
+                raise IncompatibleCheckpointError(
+                    f"Checkpoint {source} holds no {group!r} variables, but the "
+                    f"model has {len(live_specs)}. It was written by a "
+                    "different model or optimizer."
+                )
+            problem = _first_mismatch(live_specs, saved)
+            if problem:
+                raise IncompatibleCheckpointError(
+                    f"Checkpoint {source} does not match this model's "
+                    f"{group} variables: {problem}. It was written by a "
+                    "different model or optimizer; use a new `directory`, "
+                    "or `resume=False` to start over in this one."
+                )
+
+    def assign(self, arrays, groups):
+        """Assigns {group: [array]} to the live variables of `groups`."""
+        live = self.variable_groups()
+        for group in groups:
+            if group not in arrays or group not in live:
+                continue
+            if group == "rng":
+                # Global generators exist only once the program used them, so
+                # match them by name rather than by position.
+                saved = dict(zip(arrays["rng_paths"], arrays["rng"]))
+                for path, variable in live["rng"]:
+                    if path in saved:
+                        variable.assign(saved[path])
+                continue
+            for (_, variable), value in zip(live[group], arrays[group]):
+                variable.assign(value)
+
+    def apply_values(self, values, arrays, names=None):
+        """Calls `set_state` of the adapters (all, or those in `names`)."""
+        for entry in self.entries:
+            if entry.adapter is None or entry.name not in values:
+                continue
+            if names is not None and entry.name not in names:
+                continue
+            own_arrays = arrays.get(f"adapter/{entry.name}", [])
+            entry.adapter.set_state(
+                _decode_value(values[entry.name], own_arrays)
+            )
+
+
+def _first_mismatch(live, saved):
+    if len(live) != len(saved):
+        return f"{len(saved)} saved vs {len(live)} in the model"
+    for (path, shape, dtype), (spath, sshape, sdtype) in zip(live, saved):
+        if list(shape) != list(sshape) or dtype != sdtype:
+            return (
+                f"{path} is {tuple(shape)} {dtype} in the model but "
+                f"{spath} is {tuple(sshape)} {sdtype} in the checkpoint"
+            )
+    return None
+
+
+def _global_rng_variables():
+    """RNG state created outside the model: Keras' and TF's global generators."""
+    from keras.src.backend.common import global_state
+
+    variables = []
+    keras_gen = global_state.get_global_attribute("global_seed_generator")
+    if keras_gen is not None:
+        variables.append(("keras_global_seed_generator", keras_gen.state))
+    from tensorflow.python.ops import stateful_random_ops
+
+    tf_gen = getattr(stateful_random_ops, "global_generator", None)
+    if tf_gen is not None:
+        variables.append(("tf_global_generator", tf_gen.state))
+    return variables
