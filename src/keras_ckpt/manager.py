@@ -221,7 +221,10 @@ class LocalCheckpoints:
         """
         name = manifest_lib.checkpoint_name(step)
         self.ensure_directory()
-        self._remove_files(name)  # leftovers of an earlier crashed save
+        # Leftovers of an earlier crashed save, or a checkpoint of an
+        # abandoned timeline (resume="best" continues from an older step):
+        # manifest first, so it is never seen complete with the new files.
+        self.delete(name)
         try:
             trackables = {
                 _attr(group): _TensorList(tensors)
@@ -278,14 +281,17 @@ class LocalCheckpoints:
                 f"{_describe_error(e)}. Earlier checkpoints are intact."
             ) from e
 
-    def retain(self, policy, protect=()):
+    def retain(self, policy):
         """Deletes checkpoints outside `policy`; returns the kept manifests.
+
+        Runs only after a new checkpoint committed, so the checkpoint a run
+        resumed from is never deleted before a newer one exists.
 
         Also removes files of checkpoints that never committed (no manifest)
         and are older than the newest committed one.
         """
         manifests = self.manifests()
-        keep = policy.select(manifests) | set(protect)
+        keep = policy.select(manifests)
         kept = [m for m in manifests if m.name in keep]
         self.write_pointer(kept)
         for m in manifests:

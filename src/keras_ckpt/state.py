@@ -350,8 +350,8 @@ class TrainingState:
                 raise IncompatibleCheckpointError(
                     f"Checkpoint {source} does not match this model's "
                     f"{group} variables: {problem}. It was written by a "
-                    "different model or optimizer; use a new `directory`, "
-                    "or `resume=False` to start over in this one."
+                    "different model or optimizer: give this model its own "
+                    "`directory`."
                 )
 
     def assign(self, arrays, groups):

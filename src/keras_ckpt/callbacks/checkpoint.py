@@ -154,6 +154,10 @@ class Checkpoint(keras.callbacks.Callback):
             _invalid("when_busy", when_busy, '"wait" or "skip"')
         if on_preemption not in _PREEMPTION:
             _invalid("on_preemption", on_preemption, '"exit", "stop" or None')
+        if preemption_watch is not None:
+            from keras_ckpt.preemption import validate_watch
+
+            validate_watch(preemption_watch, "preemption_watch")
         if verbose not in (0, 1, 2, True, False):
             _invalid("verbose", verbose, "0 or 1")
         if not isinstance(async_save, bool):
@@ -213,6 +217,7 @@ class Checkpoint(keras.callbacks.Callback):
         self._began = set()
         self._preemption = None
         self._ended_epoch = None
+        self._finalized = False
 
     @property
     def _training_state(self):
@@ -223,6 +228,7 @@ class Checkpoint(keras.callbacks.Callback):
     # ------------------------------------------------------------------
     def set_model(self, model):
         super().set_model(model)
+        model._keras_ckpt_checkpoint = self  # found by ExportSavedModel
         # Callbacks in `state=` reset themselves in their own
         # `on_train_begin`; re-apply the restored state right after it, and
         # mute their batch hooks while the interrupted epoch's already-trained
@@ -301,21 +307,34 @@ class Checkpoint(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         try:
-            if self._pending_history is not None:
-                self._prefill_history()
-            self._record_epoch()
-            if not self.preempted:
-                final_logs = self._pending if self._pending is not None else (
-                    dict(logs or {})
-                )
-                if self._step != self._saved_step:
-                    self._save(final_logs)
-            self._writer.wait_until_finished(self.flush_timeout)
+            self.finalize(logs)
         finally:
             self._uninstall_preemption()
             self._unpatch_callbacks()
             self.model._initial_epoch = None
             self._restore_train_function()
+
+    def finalize(self, logs=None):
+        """Commits the final checkpoint and waits for pending writes.
+
+        Called by `on_train_end`, and earlier by `ExportSavedModel` when it
+        comes first in the callback list. Does nothing the second time.
+        """
+        if self._finalized:
+            return
+        self._finalized = True
+        if self._pending_history is not None:
+            self._prefill_history()
+        if self._pending_values is not None:
+            self._apply_callback_values(None)
+        self._record_epoch()
+        if not self.preempted:
+            final_logs = self._pending if self._pending is not None else (
+                dict(logs or {})
+            )
+            if self._step != self._saved_step:
+                self._save(final_logs)
+        self._writer.wait_until_finished(self.flush_timeout)
 
     # ------------------------------------------------------------------
     # Saving
@@ -356,7 +375,7 @@ class Checkpoint(keras.callbacks.Callback):
                 snapshot, metrics=logs, history=history, metadata=metadata,
                 **position,
             )
-            kept = self._store.retain(self.retention, protect=self._protect())
+            kept = self._store.retain(self.retention)
             self.last_saved = manifest
             if self.uploader is not None:
                 self.uploader.mirror(
@@ -367,7 +386,7 @@ class Checkpoint(keras.callbacks.Callback):
                 io_utils.print_msg(
                     f"\nkeras_ckpt: saved {manifest.name} (epoch "
                     f"{manifest.epoch}, batch {manifest.batch}, "
-                    f"{manifest.total_bytes / 1e6:.1f} MB) to "
+                    f"{_format_bytes(manifest.total_bytes)}) to "
                     f"{self.directory}{where} in "
                     f"{time.perf_counter() - start:.2f} s"
                 )
@@ -383,11 +402,6 @@ class Checkpoint(keras.callbacks.Callback):
         else:
             self._writer.wait_until_finished(self.flush_timeout)
             job()
-
-    def _protect(self):
-        return {self.restored.name} if self.restored and self.restored.path and (
-            os.path.dirname(self.restored.path) == self.directory
-        ) else set()
 
     # ------------------------------------------------------------------
     # Resuming
@@ -430,7 +444,9 @@ class Checkpoint(keras.callbacks.Callback):
         self._saved_step = manifest.step
         self.model._initial_epoch = manifest.epoch
         self._pending_values = (manifest.state, arrays)
-        self._apply_callback_values(self._began)
+        # Plain objects now; callbacks once their own on_train_begin has run.
+        self._apply_callback_values(self._began | {
+            e.name for e in self._entries if not e.is_callback})
         history = manifest.history or {}
         self._history_epochs = list(history.get("epochs", []))
         self._history = {k: list(v) for k, v in history.get("logs", {}).items()}
@@ -658,6 +674,13 @@ def _check_optional_positive(name, value):
         value <= 0
     ):
         _invalid(name, value, "a positive number or None")
+
+
+def _format_bytes(size):
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000.0
 
 
 def _to_float(value):

@@ -1,0 +1,976 @@
+"""`Uploader`: mirrors committed checkpoints to a bucket, container or directory.
+
+One subclass per store implements a handful of small primitives
+(`_upload_file`, `_download_file`, `_list`, `_delete`, `_read_bytes`,
+`_write_bytes`, `_probe`, `_error_kind`); everything that decides *what* is
+transferred and *in which order* lives here, once, and is tested once for
+every store:
+
+- upload: data -> index -> (remote sizes verified) -> manifest; never the
+  pointer.
+- commit: the `checkpoint` pointer, written last and only for checkpoints
+  whose manifest is present, so a reader never sees a checkpoint as latest
+  before all its files are there.
+- retention: pointer first, then each dropped checkpoint's manifest before
+  its data.
+- retries: transient failures are retried with exponential backoff and full
+  jitter; anything else becomes a `StorageError` that names the URL.
+"""
+
+import dataclasses
+import logging
+import os
+import random
+import re
+import time
+import urllib.parse
+import uuid
+
+from keras_ckpt import manifest as manifest_lib
+from keras_ckpt.errors import CheckpointNotFoundError
+from keras_ckpt.errors import CorruptCheckpointError
+from keras_ckpt.errors import KerasCkptError
+from keras_ckpt.errors import StorageError
+
+logger = logging.getLogger("keras_ckpt.uploaders")
+
+_KiB = 1024
+_MiB = 1024 * 1024
+_FILE_RE = re.compile(r"^(ckpt-\d+)\.")
+
+# What a failure means, as told by `Uploader._error_kind()`.
+TRANSIENT = "transient"  # retry: connection reset, timeout, 5xx, throttling
+NO_BUCKET = "no_bucket"  # the bucket / container / directory is missing
+NO_CREDENTIALS = "no_credentials"  # no credentials could be found
+BAD_CREDENTIALS = "bad_credentials"  # credentials were rejected
+DENIED = "denied"  # authenticated, but not allowed
+NOT_FOUND = "not_found"  # the object is missing
+
+
+@dataclasses.dataclass(frozen=True)
+class UploaderOptions:
+    """How an `Uploader` talks to its store. Every `Uploader` takes these.
+
+    Args:
+        retries: int, how many times one operation (a file transfer, a
+            listing, a small read or write) is retried after a transient
+            failure: connection reset, timeout, HTTP 5xx, throttling.
+            Defaults to `5`.
+        backoff: float, base delay in seconds between retries. Retry `n`
+            (from 0) waits a random time in
+            `[0, min(max_backoff, backoff * 2**n)]` ("full jitter").
+            Defaults to `0.5`.
+        max_backoff: float, upper bound in seconds of one delay. Defaults to
+            `20.0`.
+        timeout: float, seconds to wait to connect or for the next bytes of
+            a response before an attempt fails. Defaults to `60.0`.
+        request_retries: int, retries of a single HTTP request by the cloud
+            SDK itself, inside one attempt (so that one failed part does not
+            restart a multipart transfer). Defaults to `2`.
+        check_timeout: float, timeout of `check()`, which runs before
+            training starts and must fail fast. Defaults to `10.0`.
+        max_concurrency: int, parallel connections used to move one large
+            file. Defaults to `8`.
+        multipart_threshold: int, files of at least this many bytes are sent
+            in parts (S3 multipart upload, Azure blocks, GCS resumable
+            upload). Defaults to 32 MiB.
+        chunk_size: int, bytes per part. A multiple of 256 KiB (a GCS rule)
+            and at least 5 MiB (an S3 rule). Defaults to 16 MiB.
+
+    Example:
+
+    ```python
+    options = keras_ckpt.uploaders.UploaderOptions(retries=8, timeout=30)
+    uploader = keras_ckpt.get_uploader("s3://my-bucket/run-1", options=options)
+    ```
+    """
+
+    retries: int = 5
+    backoff: float = 0.5
+    max_backoff: float = 20.0
+    timeout: float = 60.0
+    request_retries: int = 2
+    check_timeout: float = 10.0
+    max_concurrency: int = 8
+    multipart_threshold: int = 32 * _MiB
+    chunk_size: int = 16 * _MiB
+
+    def __post_init__(self):
+        for name in ("retries", "request_retries"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                _invalid(name, value, "a non-negative int")
+        for name in ("max_concurrency", "multipart_threshold"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                _invalid(name, value, "a positive int")
+        for name in ("backoff", "max_backoff"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                _invalid(name, value, "a non-negative number of seconds")
+        for name in ("timeout", "check_timeout"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                _invalid(name, value, "a positive number of seconds")
+        if (
+            not _is_int(self.chunk_size)
+            or self.chunk_size < 5 * _MiB
+            or self.chunk_size % (256 * _KiB)
+        ):
+            _invalid(
+                "chunk_size",
+                self.chunk_size,
+                "a multiple of 262144 (256 KiB) of at least 5242880 (5 MiB)",
+            )
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _invalid(name, value, expected):
+    raise ValueError(
+        f"Invalid value for argument `{name}`. Received: {name}={value!r}. "
+        f"Expected {expected}."
+    )
+
+
+class Uploader:
+    """Mirrors committed checkpoints to remote storage, safely.
+
+    Construct one through `keras_ckpt.get_uploader(url)`, which picks the
+    subclass for the URL's scheme: `s3://bucket/prefix`, `gs://bucket/prefix`,
+    `az://container/prefix` or `file:///absolute/path`. The remote layout is
+    the local one (`ckpt-<N>.data-*`, `ckpt-<N>.index`, `ckpt-<N>.json`,
+    `checkpoint`), and remote writes follow the same commit protocol: data,
+    index, manifest, then the `checkpoint` pointer. A checkpoint whose
+    upload was interrupted is never named by the pointer and never reported
+    as complete.
+
+    To support another store, subclass `Uploader`, implement the primitives
+    (`_upload_file`, `_download_file`, `_list`, `_delete`, `_read_bytes`,
+    `_write_bytes`, `_probe`, and `_error_kind` to tell transient failures
+    apart), and register it with `keras_ckpt.register_uploader()`.
+
+    Args:
+        url: str, where checkpoints go, e.g. `"s3://my-bucket/runs/1"`.
+        options: `UploaderOptions`, or None to build one from `**kwargs`.
+        **kwargs: fields of `UploaderOptions` (`retries`, `backoff`,
+            `timeout`, `max_concurrency`, ...).
+
+    Example:
+
+    ```python
+    uploader = keras_ckpt.get_uploader("gs://my-bucket/run-1", retries=8)
+    uploader.check()  # fails fast if the bucket or credentials are wrong
+    uploader.mirror("./checkpoints", "ckpt-120", keep_names=["ckpt-80", "ckpt-120"])
+    uploader.latest_complete()  # "ckpt-120"
+    uploader.download_checkpoint("ckpt-120", "/tmp/restore")
+    ```
+    """
+
+    #: What the store calls a bucket, for error messages.
+    bucket_word = "bucket"
+
+    def __init__(self, url, options=None, **kwargs):
+        if options is not None and kwargs:
+            raise ValueError(
+                f"Pass either `options` or keyword options to "
+                f"{type(self).__name__}, not both. Received: options={options!r}"
+                f" and {kwargs!r}."
+            )
+        if options is None:
+            valid = {f.name for f in dataclasses.fields(UploaderOptions)}
+            unknown = sorted(set(kwargs) - valid)
+            if unknown:
+                raise ValueError(
+                    f"Unrecognized keyword arguments passed to "
+                    f"{type(self).__name__}: {unknown}. Valid options: "
+                    f"{sorted(valid)}."
+                )
+            options = UploaderOptions(**kwargs)
+        elif not isinstance(options, UploaderOptions):
+            _invalid("options", options, "an UploaderOptions instance or None")
+        self.options = options
+        self.scheme, self.bucket, self.prefix = self._parse_url(url)
+        self.url = self._format_url()
+
+    # ----------------------------------------------------------------------
+    # URL handling. Subclasses may override `_parse_url` / `_format_url`.
+
+    def _parse_url(self, url):
+        """Returns (scheme, bucket, prefix) of `url`; prefix has no slashes
+        at either end."""
+        if not isinstance(url, str):
+            _invalid("url", url, 'a URL string such as "s3://bucket/prefix"')
+        parts = urllib.parse.urlsplit(url)
+        if not parts.scheme or not parts.netloc:
+            _invalid(
+                "url", url, f'a URL of the form "{parts.scheme or "s3"}://'
+                f'{self.bucket_word}/prefix"'
+            )
+        if parts.query or parts.fragment:
+            _invalid("url", url, "a URL without ?query or #fragment")
+        return parts.scheme, parts.netloc, parts.path.strip("/")
+
+    def _format_url(self):
+        base = f"{self.scheme}://{self.bucket}"
+        return f"{base}/{self.prefix}" if self.prefix else base
+
+    def _key(self, name):
+        """Object key of `name` (a path relative to the prefix)."""
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _url_of(self, name):
+        return f"{self.url}/{name}"
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.url!r})"
+
+    # ----------------------------------------------------------------------
+    # Primitives: one small store-specific operation each, no retries (the
+    # base class retries them), raising the SDK's own exceptions.
+
+    def _upload_file(self, local_path, name, progress=None):
+        """Uploads `local_path` to `name`, replacing it. Large files should
+        use the SDK's parallel/multipart transfer per `self.options`.
+        `progress(n)` is called with byte increments where the SDK allows."""
+        raise NotImplementedError
+
+    def _download_file(self, name, local_path, progress=None):
+        """Downloads `name` to `local_path` (overwriting it). Raises
+        `FileNotFoundError` if `name` does not exist."""
+        raise NotImplementedError
+
+    def _list(self):
+        """Returns `{name: size}` of every object under the prefix, names
+        relative to it (with `/` for deeper levels). A missing prefix is
+        empty; a missing bucket is an error."""
+        raise NotImplementedError
+
+    def _delete(self, name):
+        """Deletes `name`; deleting a missing object is not an error."""
+        raise NotImplementedError
+
+    def _read_bytes(self, name):
+        """Returns the content of small object `name`, or None if absent."""
+        raise NotImplementedError
+
+    def _write_bytes(self, name, data, if_absent=False):
+        """Writes small object `name`. With `if_absent`, writes only if it
+        does not exist yet (atomically where the store supports it) and
+        returns False if it existed; returns True otherwise."""
+        raise NotImplementedError
+
+    def _probe(self):
+        """Cheaply proves the bucket exists and the credentials can list it,
+        within `self.options.check_timeout` and without SDK retries."""
+        raise NotImplementedError
+
+    def _error_kind(self, exc):
+        """Classifies one exception (not its cause; the base class walks
+        the chain): TRANSIENT, NO_BUCKET, NO_CREDENTIALS, BAD_CREDENTIALS,
+        DENIED, NOT_FOUND, or None for any other permanent failure.
+        Subclasses handle their SDK's exceptions and defer to this for the
+        builtin ones."""
+        if isinstance(exc, FileNotFoundError):
+            return NOT_FOUND
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return TRANSIENT
+        if type(exc).__name__ in ("IncompleteRead", "RemoteDisconnected"):
+            return TRANSIENT
+        return None
+
+    def _hint(self, kind):
+        """What to do about a failure of `kind`; subclasses add specifics."""
+        if kind == NO_BUCKET:
+            return (
+                f"The {self.bucket_word} `{self.bucket}` does not exist. "
+                f"Create it or correct the mirror URL."
+            )
+        if kind == NO_CREDENTIALS:
+            return "No credentials were found for this store."
+        if kind == BAD_CREDENTIALS:
+            return (
+                "The store rejected the credentials; check that they are "
+                "valid and not expired."
+            )
+        if kind == DENIED:
+            return (
+                f"Access to the {self.bucket_word} `{self.bucket}` was denied; "
+                "the credentials need permission to list, read, write and "
+                "delete objects under the prefix."
+            )
+        if kind == TRANSIENT:
+            return (
+                "The store kept failing or was unreachable; check the network"
+                " and endpoint, or raise the `retries` / `timeout` options."
+            )
+        return ""
+
+    # ----------------------------------------------------------------------
+    # Retries and error translation.
+
+    def _classify(self, exc):
+        seen = set()
+        while exc is not None and id(exc) not in seen:
+            seen.add(id(exc))
+            kind = self._error_kind(exc)
+            if kind is not None:
+                return kind
+            # s3transfer's RetriesExceededError keeps the cause here.
+            last = getattr(exc, "last_exception", None)
+            if isinstance(last, BaseException) and id(last) not in seen:
+                exc = last
+                continue
+            exc = exc.__cause__ or exc.__context__
+        return None
+
+    def _retrying(self, what, target, fn, *args, retries=None):
+        """Calls `fn(*args)`, retrying transient failures.
+
+        `what` ("upload", "list", ...) and `target` (a URL) name the
+        operation in the error raised when it finally fails.
+        """
+        attempts = 1 + (self.options.retries if retries is None else retries)
+        for attempt in range(attempts):
+            try:
+                return fn(*args)
+            except (KerasCkptError, NotImplementedError):
+                raise
+            except Exception as e:
+                kind = self._classify(e)
+                if kind == TRANSIENT and attempt + 1 < attempts:
+                    cap = min(
+                        self.options.max_backoff,
+                        self.options.backoff * 2**attempt,
+                    )
+                    delay = random.uniform(0, cap)
+                    logger.info(
+                        "%s %s failed (%s); retry %d/%d in %.2fs.",
+                        what, target, _summary(e), attempt + 1,
+                        attempts - 1, delay,
+                    )
+                    time.sleep(delay)
+                    continue
+                raise self._error(what, target, e, kind, attempt + 1) from e
+
+    def _error(self, what, target, exc, kind, attempts):
+        if kind == NOT_FOUND:
+            return CheckpointNotFoundError(
+                f"Could not {what} {target}: it does not exist."
+            )
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        message = f"Could not {what} {target}{tries}: {_summary(exc)}."
+        hint = self._hint(kind)
+        return StorageError(f"{message} {hint}".strip())
+
+    # ----------------------------------------------------------------------
+    # Retried file-level operations (names are relative to the prefix).
+
+    def upload_file(self, local_path, name, progress=None):
+        """Uploads one local file to `name` under the prefix.
+
+        Args:
+            local_path: str, the file to upload.
+            name: str, its name under the prefix, e.g. `"ckpt-3.index"`.
+            progress: callable or None, called with byte counts as they
+                are sent.
+        """
+        self._retrying(
+            "upload", self._url_of(name), self._upload_file, local_path,
+            name, progress,
+        )
+
+    def download_file(self, name, local_path, progress=None):
+        """Downloads `name` to `local_path`.
+
+        Raises `CheckpointNotFoundError` if `name` does not exist.
+        """
+        self._retrying(
+            "download", self._url_of(name), self._download_file, name,
+            local_path, progress,
+        )
+
+    def list_files(self):
+        """Returns `{name: size}` of every object under the prefix."""
+        return self._retrying("list", self.url, self._list)
+
+    def delete_file(self, name):
+        """Deletes `name` under the prefix (no error if it is absent)."""
+        self._retrying("delete", self._url_of(name), self._delete, name)
+
+    def read_bytes(self, name):
+        """Returns the content of the small object `name`, or None."""
+        return self._retrying(
+            "read", self._url_of(name), self._read_bytes, name
+        )
+
+    def write_bytes(self, name, data, if_absent=False):
+        """Writes the small object `name`.
+
+        Args:
+            name: str, its name under the prefix.
+            data: bytes or str (written as UTF-8).
+            if_absent: bool, write only if `name` does not exist yet; the
+                check and the write are one atomic request on S3, GCS,
+                Azure and file://. Defaults to `False`.
+
+        Returns:
+            True if written, False if `if_absent` and `name` existed.
+        """
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        failed = []
+
+        def attempt():
+            try:
+                return self._write_bytes(name, data, if_absent=if_absent)
+            except Exception:
+                failed.append(True)
+                raise
+
+        written = self._retrying("write", self._url_of(name), attempt)
+        if not written and failed:
+            # An attempt whose reply was lost may have written it: only a
+            # different content means someone else got there first.
+            return self.read_bytes(name) == data
+        return written
+
+    # ----------------------------------------------------------------------
+    # Shared checkpoint logic.
+
+    def check(self, write=False):
+        """Verifies that the store is reachable and the bucket exists.
+
+        Fast by design (short timeout, at most one retry): `Checkpoint` calls
+        it before the first training batch.
+
+        Args:
+            write: bool, also prove that objects can be written and deleted
+                under the prefix, with a small temporary object. Defaults to
+                `False`.
+
+        Raises:
+            StorageError: naming the URL and what to do (create the bucket,
+                set credentials, grant permissions).
+
+        Example:
+
+        ```python
+        keras_ckpt.get_uploader("s3://my-bucket/run-1").check()
+        ```
+        """
+        self._retrying(
+            "access", self.url, self._probe, retries=min(1, self.options.retries)
+        )
+        if write:
+            name = f".keras_ckpt-check-{uuid.uuid4().hex}"
+            self.write_bytes(name, b"")
+            self.delete_file(name)
+
+    def read_manifest(self, name):
+        """Returns the remote `Manifest` of checkpoint `name`.
+
+        Raises:
+            CheckpointNotFoundError: the manifest does not exist.
+            CorruptCheckpointError: the manifest cannot be parsed.
+        """
+        _check_name(name)
+        url = self._url_of(manifest_lib.manifest_name(name))
+        data = self.read_bytes(manifest_lib.manifest_name(name))
+        if data is None:
+            raise CheckpointNotFoundError(
+                f"No checkpoint `{name}` at {self.url}: {url} does not exist."
+            )
+        return manifest_lib.Manifest.from_json(data, source=url)
+
+    def read_pointer(self):
+        """Returns `(latest_name, names)` from the remote `checkpoint`
+        pointer, or `(None, [])` if there is none."""
+        data = self.read_bytes(manifest_lib.POINTER_NAME)
+        if data is None:
+            return None, []
+        return manifest_lib.parse_pointer(data.decode("utf-8", "replace"))
+
+    def list_checkpoints(self):
+        """Lists the checkpoints that have a manifest, oldest first.
+
+        Returns:
+            A list of `CheckpointInfo` with `url` set and `path` None;
+            `complete` is False when a file the manifest lists is missing or
+            has the wrong size (or the manifest is unreadable).
+        """
+        listing = self.list_files()
+        infos = []
+        for name in manifest_lib.names_from_listing(listing):
+            url = self._url_of(name)
+            data = self.read_bytes(manifest_lib.manifest_name(name))
+            if data is None:  # deleted since the listing
+                continue
+            try:
+                manifest = manifest_lib.Manifest.from_json(
+                    data, source=f"{url}.json"
+                )
+            except CorruptCheckpointError as e:
+                logger.warning("Skipping %s: %s", url, e)
+                infos.append(manifest_lib.CheckpointInfo(
+                    name=name, step=manifest_lib.step_of(name), epoch=0,
+                    batch=0, url=url, complete=False,
+                ))
+                continue
+            infos.append(manifest_lib.CheckpointInfo.from_manifest(
+                manifest, url=url,
+                complete=not _remote_problems(manifest, listing),
+            ))
+        return infos
+
+    def latest_complete(self):
+        """Returns the name of the newest complete checkpoint, or None."""
+        for info in reversed(self.list_checkpoints()):
+            if info.complete:
+                return info.name
+        return None
+
+    def upload_checkpoint(self, local_dir, name, progress=None):
+        """Uploads one committed local checkpoint, manifest last.
+
+        Files are sent data first, then the index; their remote sizes are
+        verified, and only then is the manifest written. The pointer is not
+        touched (see `commit()`). A checkpoint already mirrored with the same
+        manifest is not sent again.
+
+        Args:
+            local_dir: str, the local checkpoint directory.
+            name: str, the checkpoint, e.g. `"ckpt-120"`.
+            progress: callable or None, called with byte counts as they are
+                sent.
+
+        Raises:
+            CheckpointNotFoundError: `local_dir` has no manifest for `name`.
+            CorruptCheckpointError: a local file is missing or truncated.
+            StorageError: the upload failed after retries.
+        """
+        _check_name(name)
+        manifest_file = manifest_lib.manifest_name(name)
+        local_manifest = os.path.join(local_dir, manifest_file)
+        try:
+            with open(local_manifest, "rb") as f:
+                manifest_bytes = f.read()
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                f"No committed checkpoint `{name}` in {local_dir}: "
+                f"{local_manifest} does not exist."
+            ) from None
+        manifest = manifest_lib.Manifest.from_json(
+            manifest_bytes, source=local_manifest
+        )
+        problems = manifest_lib.local_problems(local_dir, manifest)
+        if problems:
+            raise CorruptCheckpointError(
+                f"Local checkpoint {os.path.join(local_dir, name)} is damaged "
+                f"({'; '.join(problems)}); it was not uploaded to {self.url}."
+            )
+
+        listing = self.list_files()
+        remote = None
+        if manifest_file in listing:
+            remote_bytes = self.read_bytes(manifest_file)
+            if remote_bytes == manifest_bytes and not _remote_problems(
+                manifest, listing
+            ):
+                return
+            if remote_bytes is not None:
+                # Another version of this checkpoint is committed there
+                # (a run resumed from an earlier step): un-commit it before
+                # its files are overwritten, so no reader mixes the two.
+                try:
+                    remote = manifest_lib.Manifest.from_json(remote_bytes)
+                except CorruptCheckpointError:
+                    remote = None
+                self.delete_file(manifest_file)
+
+        def already_there(filename):
+            # Same size alone is not proof (a re-saved step has the same
+            # size): the remote manifest must vouch for the same content.
+            entry = manifest.files[filename]
+            return (
+                remote is not None
+                and listing.get(filename) == int(entry["size"])
+                and remote.files.get(filename, {}).get("sha256")
+                == entry["sha256"]
+            )
+
+        pending = [f for f in _in_commit_order(manifest.files)
+                   if not already_there(f)]
+        for filename in pending:
+            self.upload_file(
+                os.path.join(local_dir, filename), filename, progress
+            )
+        wrong = _remote_problems(manifest, self.list_files())
+        if wrong:
+            raise StorageError(
+                f"Upload of checkpoint `{name}` to {self.url} did not verify: "
+                f"{'; '.join(wrong)}. The manifest was not written, so the "
+                "checkpoint is not committed there; the next save retries."
+            )
+        self.write_bytes(manifest_file, manifest_bytes)
+
+    def commit(self, names, timestamps=None):
+        """Writes the remote `checkpoint` pointer naming `names`.
+
+        The pointer is `tf.train.CheckpointManager`'s file: the last name is
+        the latest checkpoint. It is written only if every named checkpoint
+        has its manifest there and the latest one is complete.
+
+        Args:
+            names: list of str, the retained checkpoints, oldest first.
+            timestamps: list of float or None, their save times, recorded as
+                `all_model_checkpoint_timestamps`.
+
+        Raises:
+            StorageError: a named checkpoint is not (completely) uploaded.
+        """
+        names = list(names)
+        if not names:
+            _invalid("names", names, "at least one checkpoint name")
+        for name in names:
+            _check_name(name)
+        listing = self.list_files()
+        missing = [n for n in names
+                   if manifest_lib.manifest_name(n) not in listing]
+        if not missing:
+            latest = self.read_manifest(names[-1])
+            missing = [names[-1]] if _remote_problems(latest, listing) else []
+        if missing:
+            raise StorageError(
+                f"Refusing to point {self._url_of(manifest_lib.POINTER_NAME)} "
+                f"at {missing}: not completely uploaded to {self.url}. "
+                "Upload them with `upload_checkpoint()` first."
+            )
+        self.write_bytes(
+            manifest_lib.POINTER_NAME,
+            manifest_lib.format_pointer(names, timestamps),
+        )
+
+    def delete_checkpoint(self, name):
+        """Deletes a remote checkpoint: manifest first, then its files.
+
+        Deleting a checkpoint that does not exist is not an error.
+        """
+        _check_name(name)
+        manifest_file = manifest_lib.manifest_name(name)
+        listing = self.list_files()
+        if manifest_file in listing:
+            self.delete_file(manifest_file)
+        for filename in sorted(listing):
+            if filename.startswith(f"{name}.") and filename != manifest_file:
+                self.delete_file(filename)
+
+    def retain(self, keep_names, timestamps=None):
+        """Points the mirror at `keep_names` and deletes every other
+        checkpoint there (including leftovers of interrupted uploads).
+
+        Args:
+            keep_names: list of str, checkpoints to keep, oldest first; the
+                last one becomes the latest.
+            timestamps: list of float or None, see `commit()`.
+        """
+        keep_names = list(keep_names)
+        self.commit(keep_names, timestamps)
+        present = set()
+        for filename in self.list_files():
+            match = _FILE_RE.match(filename)
+            if match:
+                present.add(match.group(1))
+        for name in sorted(present - set(keep_names),
+                           key=manifest_lib.step_of):
+            self.delete_checkpoint(name)
+
+    def mirror(self, local_dir, name, keep_names, timestamps=None):
+        """Uploads checkpoint `name`, commits it, then applies retention.
+
+        The one call a training run makes per save: `upload_checkpoint()`,
+        then `retain(keep_names)`.
+
+        Args:
+            local_dir: str, the local checkpoint directory.
+            name: str, the checkpoint just committed locally.
+            keep_names: list of str, the checkpoints to keep remotely, oldest
+                first, ending with `name`.
+            timestamps: list of float or None, see `commit()`.
+        """
+        keep_names = list(keep_names)
+        if name not in keep_names:
+            _invalid(
+                "keep_names", keep_names, f"a list that includes {name!r}"
+            )
+        self.upload_checkpoint(local_dir, name)
+        self.retain(keep_names, timestamps)
+
+    def download_checkpoint(self, name, local_dir, verify=True, progress=None):
+        """Downloads checkpoint `name` into `local_dir`, verified.
+
+        Files arrive under temporary names and are renamed into place only
+        once all of them have the manifest's sizes (and SHA-256 checksums,
+        with `verify`); the manifest is written last. On any failure no
+        partial file is left behind. Files already in `local_dir` with the
+        right size and checksum are reused.
+
+        Args:
+            name: str, the checkpoint, e.g. `"ckpt-120"`.
+            local_dir: str, created if needed.
+            verify: bool, check SHA-256 checksums. Defaults to `True`.
+            progress: callable or None, called with byte counts.
+
+        Returns:
+            The local checkpoint prefix, `<local_dir>/<name>`, as
+            `tf.train.Checkpoint.read()` expects.
+
+        Raises:
+            CheckpointNotFoundError: no manifest for `name`.
+            CorruptCheckpointError: a file is missing, truncated or fails its
+                checksum (the message names the file and its URL).
+        """
+        _check_name(name)
+        manifest_file = manifest_lib.manifest_name(name)
+        manifest_bytes = self.read_bytes(manifest_file)
+        if manifest_bytes is None:
+            raise CheckpointNotFoundError(
+                f"No checkpoint `{name}` at {self.url}: "
+                f"{self._url_of(manifest_file)} does not exist."
+            )
+        manifest = manifest_lib.Manifest.from_json(
+            manifest_bytes, source=self._url_of(manifest_file)
+        )
+        os.makedirs(local_dir, exist_ok=True)
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        ready = {}  # filename -> verified temporary path
+        try:
+            for filename in _in_commit_order(manifest.files):
+                entry = manifest.files[filename]
+                final = os.path.join(local_dir, filename)
+                if _local_file_matches(final, entry, verify):
+                    continue
+                tmp = os.path.join(local_dir, f".{filename}.part-{tag}")
+                ready[filename] = tmp
+                try:
+                    self.download_file(filename, tmp, progress)
+                except CheckpointNotFoundError:
+                    raise CorruptCheckpointError(
+                        f"{filename} is missing from {self._url_of(filename)}"
+                        f": checkpoint `{name}` at {self.url} is incomplete. "
+                        "Restore an earlier checkpoint instead."
+                    ) from None
+                problem = _file_problem(tmp, entry, verify)
+                if problem:
+                    raise CorruptCheckpointError(
+                        f"{filename} downloaded from {self._url_of(filename)}"
+                        f" {problem}: checkpoint `{name}` at {self.url} is "
+                        "damaged. Restore an earlier checkpoint instead."
+                    )
+            # Un-commit any older local copy before replacing its files.
+            local_manifest = os.path.join(local_dir, manifest_file)
+            if os.path.exists(local_manifest):
+                os.remove(local_manifest)
+            for filename, tmp in ready.items():
+                os.replace(tmp, os.path.join(local_dir, filename))
+            ready.clear()
+            manifest_lib.fsync_dir(local_dir)
+            manifest_lib.atomic_write(local_manifest, manifest_bytes)
+        finally:
+            for tmp in ready.values():
+                try:
+                    os.remove(tmp)
+                except OSError:
+                    pass
+        return os.path.join(local_dir, name)
+
+    def push(self, local_dir, progress=None):
+        """Mirrors every complete checkpoint of a local directory.
+
+        Checkpoints are uploaded oldest first (those already mirrored with
+        the same manifest are skipped, so an interrupted push resumes), then
+        the pointer is committed with the local pointer's order. Remote
+        checkpoints are not deleted; see `retain()`.
+
+        Args:
+            local_dir: str, a keras_ckpt (or tf.train.CheckpointManager with
+                keras_ckpt manifests) directory.
+            progress: callable or None, called with byte counts.
+
+        Returns:
+            The names pushed, oldest first.
+
+        Example:
+
+        ```python
+        keras_ckpt.get_uploader("s3://my-bucket/run-1").push("./checkpoints")
+        ```
+        """
+        names = _local_complete_names(local_dir)
+        if not names:
+            raise CheckpointNotFoundError(
+                f"No complete checkpoint in {local_dir} to push to {self.url}."
+            )
+        for name in names:
+            self.upload_checkpoint(local_dir, name, progress)
+        self.commit(names, [
+            manifest_lib.Manifest.read(
+                os.path.join(local_dir, manifest_lib.manifest_name(n))
+            ).timestamp
+            for n in names
+        ])
+        return names
+
+    def pull(self, local_dir, names=None, verify=True, progress=None):
+        """Downloads complete remote checkpoints into a local directory.
+
+        Checkpoints are downloaded oldest first and verified; one already
+        present locally with the same manifest is skipped, so an interrupted
+        pull resumes. The local `checkpoint` pointer is written last, so
+        `tf.train.latest_checkpoint(local_dir)` works afterwards.
+
+        Args:
+            local_dir: str, created if needed.
+            names: list of str or None, which checkpoints; None means every
+                complete one.
+            verify: bool, check SHA-256 checksums. Defaults to `True`.
+            progress: callable or None, called with byte counts.
+
+        Returns:
+            The names now present locally, oldest first.
+
+        Example:
+
+        ```python
+        keras_ckpt.get_uploader("gs://my-bucket/run-1").pull("/tmp/run-1")
+        ```
+        """
+        complete = [i.name for i in self.list_checkpoints() if i.complete]
+        if names is not None:
+            names = list(names)
+            absent = [n for n in names if n not in complete]
+            if absent:
+                raise CheckpointNotFoundError(
+                    f"No complete checkpoint {absent} at {self.url}. "
+                    f"Complete ones: {complete}."
+                )
+        else:
+            _, pointer_names = self.read_pointer()
+            names = [n for n in pointer_names if n in complete] or complete
+        if not names:
+            raise CheckpointNotFoundError(
+                f"No complete checkpoint at {self.url} to pull."
+            )
+        names = sorted(names, key=manifest_lib.step_of)
+        timestamps = []
+        for name in names:
+            timestamps.append(self._pull_one(name, local_dir, verify, progress))
+        manifest_lib.atomic_write(
+            os.path.join(local_dir, manifest_lib.POINTER_NAME),
+            manifest_lib.format_pointer(names, timestamps),
+        )
+        return names
+
+    def _pull_one(self, name, local_dir, verify, progress):
+        manifest_file = manifest_lib.manifest_name(name)
+        local_manifest = os.path.join(local_dir, manifest_file)
+        remote_bytes = self.read_bytes(manifest_file)
+        if remote_bytes is None:
+            raise CheckpointNotFoundError(
+                f"Checkpoint `{name}` disappeared from {self.url} while "
+                "pulling."
+            )
+        try:
+            with open(local_manifest, "rb") as f:
+                same = f.read() == remote_bytes
+        except FileNotFoundError:
+            same = False
+        manifest = manifest_lib.Manifest.from_json(
+            remote_bytes, source=self._url_of(manifest_file)
+        )
+        if not (same and not manifest_lib.local_problems(local_dir, manifest)):
+            self.download_checkpoint(name, local_dir, verify, progress)
+        return manifest.timestamp
+
+
+def _check_name(name):
+    if not isinstance(name, str) or manifest_lib.step_of(name) is None:
+        _invalid("name", name, 'a checkpoint name such as "ckpt-120"')
+
+
+def _summary(exc):
+    text = str(exc).strip().replace("\n", " ")
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _in_commit_order(filenames):
+    # Data before index, as tf.train.Checkpoint writes them locally.
+    return sorted(filenames, key=lambda f: (f.endswith(".index"), f))
+
+
+def _remote_problems(manifest, listing):
+    problems = []
+    for filename, entry in sorted(manifest.files.items()):
+        size = listing.get(filename)
+        if size is None:
+            problems.append(f"{filename} is missing")
+        elif size != int(entry["size"]):
+            problems.append(
+                f"{filename} has {size} bytes, manifest says {entry['size']}"
+            )
+    return problems
+
+
+def _file_problem(path, entry, verify):
+    size = os.path.getsize(path)
+    if size != int(entry["size"]):
+        return f"has {size} bytes, the manifest says {entry['size']}"
+    if verify:
+        digest = manifest_lib.file_sha256(path)
+        if digest != entry["sha256"]:
+            return (
+                f"fails its SHA-256 checksum (got {digest}, the manifest says"
+                f" {entry['sha256']})"
+            )
+    return None
+
+
+def _local_file_matches(path, entry, verify):
+    try:
+        return _file_problem(path, entry, verify) is None
+    except OSError:
+        return False
+
+
+def _local_complete_names(local_dir):
+    """Complete local checkpoints, in the local pointer's order if any."""
+    try:
+        filenames = os.listdir(local_dir)
+    except FileNotFoundError:
+        return []
+    names = manifest_lib.names_from_listing(filenames)
+    pointer = os.path.join(local_dir, manifest_lib.POINTER_NAME)
+    if os.path.exists(pointer):
+        with open(pointer, encoding="utf-8") as f:
+            _, pointer_names = manifest_lib.parse_pointer(f.read())
+        if pointer_names:
+            names = [n for n in pointer_names if n in names]
+    complete = []
+    for name in names:
+        try:
+            manifest = manifest_lib.Manifest.read(
+                os.path.join(local_dir, manifest_lib.manifest_name(name))
+            )
+        except CorruptCheckpointError:
+            continue
+        if not manifest_lib.local_problems(local_dir, manifest):
+            complete.append(name)
+    return complete

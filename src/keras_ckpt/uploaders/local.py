@@ -1,0 +1,201 @@
+"""`file://` mirror: a directory, e.g. on an NFS or other shared mount."""
+
+import errno
+import os
+import time
+import urllib.parse
+
+from keras_ckpt import manifest as manifest_lib
+from keras_ckpt.uploaders import base
+
+_COPY_CHUNK = 8 * 1024 * 1024
+
+
+class _MissingDirectory(OSError):
+    """The directory that holds the mirror directory does not exist."""
+
+
+class LocalUploader(base.Uploader):
+    """Mirrors checkpoints to a local or mounted directory (`file:///path`).
+
+    Every write is atomic and durable (temporary file, fsync, rename), so a
+    crash never leaves a half-written file under its final name. The
+    mirror directory itself is created on first use, but its parent must
+    exist (the parent plays the role of a bucket: a typo in a mount path
+    fails instead of silently writing to the local disk).
+
+    Args:
+        url: str, `"file:///absolute/path"`.
+        **options: see `UploaderOptions`; only `retries` and `backoff`
+            matter here.
+
+    Example:
+
+    ```python
+    uploader = keras_ckpt.get_uploader("file:///mnt/shared/run-1")
+    uploader.mirror("./checkpoints", "ckpt-10", keep_names=["ckpt-10"])
+    ```
+    """
+
+    bucket_word = "directory"
+
+    def _parse_url(self, url):
+        parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+        if (
+            parts is None
+            or parts.scheme != "file"
+            or parts.netloc not in ("", "localhost")
+            or not parts.path.startswith("/")
+            or parts.query
+            or parts.fragment
+            or os.path.normpath(parts.path) == "/"
+        ):
+            base._invalid(
+                "url", url, 'an absolute file URL such as "file:///data/run-1"'
+            )
+        self.path = os.path.normpath(urllib.parse.unquote(parts.path))
+        return "file", os.path.dirname(self.path), ""
+
+    def _format_url(self):
+        return f"file://{self.path}"
+
+    def _path(self, name):
+        return os.path.join(self.path, *name.split("/"))
+
+    def _require_parent(self):
+        if not os.path.isdir(self.bucket):
+            raise _MissingDirectory(
+                errno.ENOENT, "No such directory", self.bucket
+            )
+
+    def _ensure_dir(self, directory):
+        if not os.path.isdir(self.path):
+            self._require_parent()
+            try:
+                os.mkdir(self.path)
+            except FileExistsError:
+                pass
+        os.makedirs(directory, exist_ok=True)
+
+    def _upload_file(self, local_path, name, progress=None):
+        dest = self._path(name)
+        self._ensure_dir(os.path.dirname(dest))
+        tmp = _tmp_name(dest)
+        try:
+            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                _copy(src, dst, progress)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+        manifest_lib.fsync_dir(os.path.dirname(dest))
+
+    def _download_file(self, name, local_path, progress=None):
+        try:
+            src = open(self._path(name), "rb")
+        except FileNotFoundError:
+            self._require_parent()
+            raise
+        with src, open(local_path, "wb") as dst:
+            _copy(src, dst, progress)
+
+    def _list(self):
+        if not os.path.isdir(self.path):
+            self._require_parent()
+            return {}
+        listing = {}
+        for root, _, files in os.walk(self.path):
+            rel = os.path.relpath(root, self.path)
+            for filename in files:
+                name = filename if rel == "." else f"{rel}/{filename}"
+                try:
+                    listing[name.replace(os.sep, "/")] = os.path.getsize(
+                        os.path.join(root, filename)
+                    )
+                except FileNotFoundError:  # removed while listing
+                    pass
+        return listing
+
+    def _delete(self, name):
+        _remove_quietly(self._path(name))
+
+    def _read_bytes(self, name):
+        try:
+            with open(self._path(name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            self._require_parent()
+            return None
+
+    def _write_bytes(self, name, data, if_absent=False):
+        dest = self._path(name)
+        self._ensure_dir(os.path.dirname(dest))
+        if not if_absent:
+            manifest_lib.atomic_write(dest, data)
+            return True
+        tmp = _tmp_name(dest)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            # link() fails if `dest` exists: an atomic create-if-absent.
+            os.link(tmp, dest)
+        except FileExistsError:
+            return False
+        finally:
+            _remove_quietly(tmp)
+        manifest_lib.fsync_dir(os.path.dirname(dest))
+        return True
+
+    def _probe(self):
+        self._require_parent()
+        if os.path.exists(self.path):
+            os.listdir(self.path)  # raises if not a readable directory
+        elif not os.access(self.bucket, os.W_OK | os.X_OK):
+            raise PermissionError(
+                errno.EACCES, "Cannot create the mirror directory", self.path
+            )
+
+    def _error_kind(self, exc):
+        if isinstance(exc, _MissingDirectory):
+            return base.NO_BUCKET
+        if isinstance(exc, PermissionError):
+            return base.DENIED
+        return super()._error_kind(exc)
+
+    def _hint(self, kind):
+        if kind == base.DENIED:
+            return (
+                f"This process may not read or write {self.path}; fix the "
+                "directory's permissions or choose another mirror URL."
+            )
+        if kind == base.NO_BUCKET:
+            return (
+                f"The directory {self.bucket} does not exist: mount or create "
+                f"it, or correct the mirror URL {self.url}."
+            )
+        return super()._hint(kind)
+
+
+def _tmp_name(path):
+    return f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+
+
+def _copy(src, dst, progress):
+    while True:
+        chunk = src.read(_COPY_CHUNK)
+        if not chunk:
+            return
+        dst.write(chunk)
+        if progress is not None:
+            progress(len(chunk))
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
