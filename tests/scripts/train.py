@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -28,7 +29,7 @@ import keras_ckpt  # noqa: E402
 
 def parse_args():
     p = argparse.ArgumentParser()
-    p.add_argument("--dir", required=True)
+    p.add_argument("--dir")
     p.add_argument("--out")
     p.add_argument("--mirror")
     p.add_argument("--save-freq", default="epoch")
@@ -43,6 +44,11 @@ def parse_args():
     p.add_argument("--units", type=int, default=16)
     p.add_argument("--early-stopping", action="store_true")
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--preset", action="store_true",
+                   help="directory/mirror from the platform preset, and export")
+    p.add_argument("--batch-sleep", type=float, default=0.0)
+    p.add_argument("--hidden", type=int, default=0,
+                   help="add a Dense(hidden) layer (to make the state large)")
     return p.parse_args()
 
 
@@ -69,6 +75,7 @@ def main():
     model = keras.Sequential([
         keras.Input((8,)),
         keras.layers.Dense(args.units, activation="relu"),
+        *([keras.layers.Dense(args.hidden, activation="relu")] if args.hidden else []),
         keras.layers.Dropout(0.3),
         keras.layers.Dense(1, activation="sigmoid"),
     ])
@@ -91,13 +98,19 @@ def main():
         extra.append(stopper)
     save_freq = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
     ckpt = keras_ckpt.Checkpoint(
-        directory=args.dir, mirror=args.mirror, save_freq=save_freq,
+        directory=None if args.preset else args.dir,
+        mirror=None if args.preset else args.mirror, save_freq=save_freq,
         max_to_keep=2, monitor="val_loss", keep_best=1, state=callbacks_state,
         async_save=not args.sync, on_preemption=args.on_preemption,
         resume=not args.no_resume, verbose=1,
     )
     kill_at = args.kill_at_step if args.kill_at_step is not None else args.sigterm_at_step
     sig = signal.SIGKILL if args.kill_at_step is not None else signal.SIGTERM
+    if args.preset:
+        extra.append(keras_ckpt.ExportSavedModel())
+    if args.batch_sleep:
+        extra.append(keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda batch, logs: time.sleep(args.batch_sleep)))
     history = model.fit(ds, epochs=args.epochs, validation_data=val, verbose=0, shuffle=False,
                         callbacks=[ckpt, *extra, Killer(ckpt, kill_at, sig)])
     if args.out:
@@ -108,6 +121,9 @@ def main():
             json.dump({"history": history.history, "epochs": history.epoch,
                        "preempted": ckpt.preempted,
                        "lr": float(np.asarray(model.optimizer.learning_rate)),
+                       "predictions": model.predict(
+                           np.random.RandomState(0).rand(4, 8).astype("float32"),
+                           verbose=0).tolist(),
                        "state": {k: {a: (float(getattr(v, a)) if isinstance(getattr(v, a, None), (int, float)) else None)
                                      for a in ("wait", "cooldown_counter", "best")}
                                  for k, v in callbacks_state.items()}}, f)
