@@ -93,3 +93,34 @@ def test_two_kills_in_a_row_still_exact(tmp_path):
         assert result.returncode == -signal.SIGKILL
     run(["--dir", resumed_dir, "--out", out, *args])
     assert_same_training(str(tmp_path / "reference.npz"), out, "two kills")
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_background_write(tmp_path):
+    """The in-flight checkpoint is lost, the previous one resumes exactly."""
+    # ~50 MB of state, so writing a checkpoint takes far longer than the one
+    # training step between the save and the kill.
+    args = ["--save-freq", "5", "--units", "2048", "--hidden", "2048",
+            "--epochs", "2"]
+    run(["--dir", str(tmp_path / "reference"), "--out",
+         str(tmp_path / "reference.npz"), *args])
+    resumed_dir = tmp_path / "resumed"
+    out = str(tmp_path / "resumed.npz")
+    # The save of step 15 starts at the beginning of batch 15; the process
+    # is killed at the end of that batch, while the save is being written.
+    first = run(["--dir", str(resumed_dir), "--out", out, "--kill-at-step",
+                 "16", *args], check=False)
+    assert first.returncode == -signal.SIGKILL
+    assert not (resumed_dir / "ckpt-15.json").exists(), (
+        "the save in flight was expected to be cut short")
+    second = run(["--dir", str(resumed_dir), "--out", out, *args])
+    assert "resumed from" in second.stdout and "step 10," in second.stdout
+    assert_same_training(str(tmp_path / "reference.npz"), out,
+                         "SIGKILL during a background write")
+    # No stray files of the cut-short save: every file belongs to a
+    # committed checkpoint.
+    committed = {p.name.removesuffix(".json")
+                 for p in resumed_dir.glob("ckpt-*.json")}
+    strays = [p.name for p in resumed_dir.iterdir() if p.name != "checkpoint"
+              and p.name.split(".")[0].split("_temp")[0] not in committed]
+    assert strays == []
