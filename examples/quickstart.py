@@ -168,9 +168,10 @@ def report(workdir, export_dir):
 
     print("\n=== summary ===")
     for info in keras_ckpt.list_checkpoints(f"file://{workdir}/mirror"):
+        val_loss = info.metrics.get("val_loss")
         print(f"mirror: {info.name:>8}  epoch {info.epoch} batch {info.batch:>2}"
-              f"  complete={info.complete}  val_loss="
-              f"{info.metrics.get('val_loss', float('nan')):.4f}")
+              f"  complete={info.complete}"
+              + (f"  val_loss={val_loss:.4f}" if val_loss is not None else ""))
     print(f"resumed run bitwise identical to uninterrupted run: {identical}")
     print(f"SavedModel at {export_dir}/1 serves the trained model: {serves_same}")
     return 0 if identical and serves_same else 1

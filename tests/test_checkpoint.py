@@ -80,6 +80,7 @@ def dir_state(path):
     ({"state": ["x"]}, "state"),
     ({"state": {"x": object()}}, "state"),
     ({"mirror": "ftp://host/path"}, "mirror"),
+    ({"mirror": "file://relative/path"}, "mirror"),
 ])
 def test_invalid_arguments_name_the_argument(tmp_path, kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
@@ -493,3 +494,11 @@ def test_manifest_json_is_plain(tmp_path):
     data = json.loads((tmp_path / "ckpt-6.json").read_text())
     assert data["format"] == "keras_ckpt/1"
     assert set(data["files"]) == {"ckpt-6.data-00000-of-00001", "ckpt-6.index"}
+
+
+def test_a_plain_path_mirror_is_a_file_mirror(tmp_path):
+    ckpt = keras_ckpt.Checkpoint(directory=tmp_path / "local",
+                                 mirror=tmp_path / "mirror", **ckpt_args())
+    fit(make_model(), ckpt, epochs=1)
+    assert [i.step for i in keras_ckpt.list_checkpoints(
+        f"file://{tmp_path}/mirror")] == [6]

@@ -266,7 +266,7 @@ def test_download_detects_corruption(mirror_url, local_ckpts, tmp_path):
     assert os.path.exists(target / "ckpt-1.json")
 
 
-def test_small_objects(mirror_url):
+def test_small_objects(mirror_url, tmp_path):
     uploader = get_uploader(mirror_url, **FAST)
     assert uploader.read_bytes("lock") is None
     assert uploader.write_bytes("lock", b"first", if_absent=True) is True
@@ -280,7 +280,9 @@ def test_small_objects(mirror_url):
     uploader.delete_file("lock")
     assert uploader.read_bytes("lock") is None
     with pytest.raises(CheckpointNotFoundError, match="absent"):
-        uploader.download_file("absent", os.devnull)
+        # Never os.devnull here: google-cloud-storage deletes the target
+        # file when a download fails, and /dev/null is shared by everyone.
+        uploader.download_file("absent", str(tmp_path / "absent"))
 
 
 def test_same_name_new_content_is_reuploaded(mirror_url, tmp_path):
@@ -335,7 +337,20 @@ def test_push_and_pull_resume(mirror_url, local_ckpts, tmp_path):
         uploader.pull(target, names=["ckpt-8"])
 
 
-def test_large_file_goes_in_parts(mirror_url, large_ckpt, tmp_path):
+def test_large_file_goes_in_parts(mirror_url, large_ckpt, tmp_path,
+                                  monkeypatch):
+    resumable = []
+    if scheme_of(mirror_url) == "gs":
+        # The emulator cannot tell us, so watch (not replace) the SDK path.
+        from google.cloud.storage.blob import Blob
+
+        real = Blob._do_resumable_upload
+
+        def spy(blob, *args, **kwargs):
+            resumable.append(blob.chunk_size)
+            return real(blob, *args, **kwargs)
+
+        monkeypatch.setattr(Blob, "_do_resumable_upload", spy)
     uploader = get_uploader(
         mirror_url, multipart_threshold=8 * MiB, chunk_size=5 * MiB,
         max_concurrency=4, **FAST,
@@ -362,6 +377,8 @@ def test_large_file_goes_in_parts(mirror_url, large_ckpt, tmp_path):
         )
         committed, _ = blob.get_block_list()
         assert len(committed) == parts
+    elif uploader.scheme == "gs":
+        assert resumable == [5 * MiB]  # only the data file is that large
     prefix = uploader.download_checkpoint("ckpt-7", str(tmp_path))
     np.testing.assert_array_equal(
         read_variable(prefix, large_ckpt.values), large_ckpt.values
@@ -544,11 +561,24 @@ def test_stalled_request_times_out_and_is_retried(proxied_mirror):
     uploader = get_uploader(url, retries=2, backoff=0.01, request_retries=0,
                             timeout=1)
     uploader.write_bytes("note", b"hello")
-    proxy.stall_next(1)
+    # Only the read: the GCS SDK also fetches bucket metadata in the
+    # background, whenever it likes.
+    proxy.stall_next(1, match=b"note")
     start = time.monotonic()
     assert uploader.read_bytes("note") == b"hello"
     assert proxy.stalls == 1
     assert time.monotonic() - start >= 0.9  # it did wait for the timeout
+
+
+def test_check_fails_fast_when_the_store_hangs(proxied_mirror):
+    url, proxy, _ = proxied_mirror
+    uploader = get_uploader(url, timeout=60, check_timeout=1, retries=5,
+                            backoff=0.01)
+    proxy.stall_next(10)
+    start = time.monotonic()
+    with pytest.raises(StorageError, match="after 2 attempts"):
+        uploader.check()
+    assert time.monotonic() - start < 6  # not 60 s, not 6 attempts
 
 
 @pytest.mark.parametrize("cut", ["mid-data", "after-data"])

@@ -39,6 +39,9 @@ def resolve_paths(directory, mirror):
     if mirror is None:
         mirror = platform.mirror_url
     uploader = None
+    if isinstance(mirror, (str, os.PathLike)) and "://" not in os.fspath(mirror):
+        # A plain local path: the file:// mirror of that directory.
+        mirror = "file://" + os.path.abspath(os.fspath(mirror))
     if mirror is not None:
         from keras_ckpt.uploaders import get_uploader
 
