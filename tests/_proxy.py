@@ -37,8 +37,7 @@ class FaultProxy:
         self._listener = None
         self._stopped = threading.Event()
         self._connections = set()
-        self._reset_pending = 0
-        self._stall_pending = 0
+        self._faults = []  # [action, count left, bytes the request contains]
         self._budget = None  # bytes left before breaking; None = unlimited
         self._broken = False
         self.resets = 0
@@ -51,15 +50,17 @@ class FaultProxy:
 
     # -- control ------------------------------------------------------------
 
-    def reset_next(self, n):
-        """Resets the connection carrying each of the next `n` requests."""
+    def reset_next(self, n, match=None):
+        """Resets the connection carrying each of the next `n` requests
+        (only requests whose first bytes contain `match`, if given)."""
         with self._lock:
-            self._reset_pending += n
+            self._faults.append(["reset", n, match])
 
-    def stall_next(self, n):
-        """Swallows each of the next `n` requests and never answers them."""
+    def stall_next(self, n, match=None):
+        """Swallows each of the next `n` requests (whose first bytes contain
+        `match`, if given) and never answers them."""
         with self._lock:
-            self._stall_pending += n
+            self._faults.append(["stall", n, match])
 
     def fail_after(self, nbytes):
         """Forwards `nbytes` more client bytes, then resets every connection,
@@ -74,7 +75,7 @@ class FaultProxy:
     def heal(self):
         """Clears every pending and ongoing fault."""
         with self._lock:
-            self._reset_pending = self._stall_pending = 0
+            self._faults.clear()
             self._budget = None
             self._broken = False
 
@@ -120,21 +121,20 @@ class FaultProxy:
                 target=self._pump_down, args=(pair,), daemon=True
             ).start()
 
-    def _decide(self, pair, nbytes):
-        """What to do with `nbytes` arriving from the client."""
+    def _decide(self, pair, data):
+        """What to do with `data` arriving from the client."""
         with self._lock:
             if self._broken:
                 return "reset"
             if not pair.in_request:
                 # First bytes of a new request on this connection.
-                if self._reset_pending:
-                    self._reset_pending -= 1
-                    return "reset"
-                if self._stall_pending:
-                    self._stall_pending -= 1
-                    return "stall"
+                for fault in self._faults:
+                    action, left, match = fault
+                    if left and (match is None or match in data):
+                        fault[1] -= 1
+                        return action
             if self._budget is not None:
-                self._budget -= nbytes
+                self._budget -= len(data)
                 if self._budget < 0:
                     self._broken = True
                     return "reset"
@@ -149,7 +149,7 @@ class FaultProxy:
                     break
                 if pair.stalled:
                     continue  # swallow until the client gives up
-                action = self._decide(pair, len(data))
+                action = self._decide(pair, data)
                 if action == "reset":
                     with self._lock:
                         self.resets += 1

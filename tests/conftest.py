@@ -53,6 +53,7 @@ from _proxy import FaultProxy  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STARTUP_TIMEOUT = 30.0
+_NO_FILE = os.path.join(REPO, "tests", ".does-not-exist")
 
 AZURITE_ACCOUNT = "devstoreaccount1"
 # Azurite's well-known development key (public, in Azure's documentation).
@@ -106,10 +107,11 @@ def _env_for(scheme, endpoint):
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_ENDPOINT_URL_S3": endpoint,
-            # Never wait for an instance-metadata endpoint, never read ~/.aws.
+            # Never wait for an instance-metadata endpoint, never read ~/.aws
+            # (botocore skips config files that do not exist).
             "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_CONFIG_FILE": _NO_FILE,
+            "AWS_SHARED_CREDENTIALS_FILE": _NO_FILE,
         }
     if scheme == "gs":
         return {

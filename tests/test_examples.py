@@ -184,7 +184,7 @@ def test_preemptible_vm_sigterm_then_resume_on_a_fresh_disk(tmp_path, env):
     shutil.rmtree(local)  # a fresh VM: only the mirror survives
     second = run_example("preemptible_vm.py", *args, cwd=tmp_path, env=job_env)
     assert second.returncode == 0, report(second)
-    assert f"resumed from {mirror}: step {saved.step}," in second.stdout, (
+    assert f"resumed from {mirror}/{saved.name}: step {saved.step}," in second.stdout, (
         report(second))
     assert keras_ckpt.list_checkpoints(mirror)[-1].step == 3 * 40
     assert (tmp_path / "export" / "1" / "saved_model.pb").is_file()

@@ -48,7 +48,9 @@ def resolve_paths(directory, mirror):
         try:
             uploader = get_uploader(mirror)
         except ValueError as e:
-            raise ValueError(f"Invalid value for argument `mirror`. {e}") from e
+            message = str(e).replace("Invalid value for argument `url`. ", "")
+            raise ValueError(
+                f"Invalid value for argument `mirror`. {message}") from e
     return Paths(
         directory=os.path.abspath(os.fspath(directory)),
         uploader=uploader,
@@ -220,7 +222,8 @@ def find_resume_checkpoint(resume, store, uploader, retention):
                     manifest, _ = fetch_remote(
                         uploader, best_remote.name, store.directory
                     )
-                    candidates = [(manifest, store, uploader.url)]
+                    candidates = [
+                        (manifest, store, f"{uploader.url}/{manifest.name}")]
         if not candidates:
             return None
         return candidates[0]

@@ -89,8 +89,9 @@ class BackgroundWriter:
             thread.join(timeout)
             if thread.is_alive():
                 raise CheckpointWriteError(
-                    f"A checkpoint is still being written after {timeout:.0f} "
+                    f"A checkpoint is still being written after {timeout:g} "
                     "s; it will not be marked as latest until it completes. "
-                    "Raise `flush_timeout` to wait longer."
+                    "Raise the time limit (`flush_timeout`, or "
+                    "`preemption_grace_seconds` on preemption) to wait longer."
                 )
         self.check_for_errors()

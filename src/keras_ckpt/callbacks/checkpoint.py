@@ -11,7 +11,7 @@ from keras_ckpt import manager as manager_lib
 from keras_ckpt import sources
 from keras_ckpt import state as state_lib
 from keras_ckpt import writer as writer_lib
-from keras_ckpt.errors import CheckpointWriteError, IncompatibleCheckpointError
+from keras_ckpt.errors import IncompatibleCheckpointError
 
 _RESUME_WORDS = (True, False, "latest", "best")
 _PREEMPTION = ("exit", "stop", None)
@@ -125,6 +125,8 @@ class Checkpoint(keras.callbacks.Callback):
         _check_optional_positive("save_every_seconds", save_every_seconds)
         _check_optional_positive("keep_every_n_hours", keep_every_n_hours)
         _check_optional_positive("flush_timeout", flush_timeout)
+        if preemption_grace_seconds is None:
+            _invalid("preemption_grace_seconds", None, "a positive number")
         _check_optional_positive(
             "preemption_grace_seconds", preemption_grace_seconds
         )
@@ -333,7 +335,7 @@ class Checkpoint(keras.callbacks.Callback):
                 dict(logs or {})
             )
             if self._step != self._saved_step:
-                self._save(final_logs)
+                self._save(final_logs, when_busy="wait")
         self._writer.wait_until_finished(self.flush_timeout)
 
     # ------------------------------------------------------------------
@@ -356,7 +358,7 @@ class Checkpoint(keras.callbacks.Callback):
         if self._pending is not None:
             self._save(self._pending)
 
-    def _save(self, logs, synchronous=False):
+    def _save(self, logs, synchronous=False, when_busy=None):
         self._pending = None
         self._since_save = 0
         self._last_save_time = time.monotonic()
@@ -392,7 +394,7 @@ class Checkpoint(keras.callbacks.Callback):
                 )
 
         if self.async_save and not synchronous:
-            if not self._writer.submit(job, when_busy=self.when_busy):
+            if not self._writer.submit(job, when_busy=when_busy or self.when_busy):
                 self._saved_step = None
                 if self.verbose:
                     io_utils.print_msg(
@@ -619,8 +621,6 @@ class Checkpoint(keras.callbacks.Callback):
             self._writer.wait_until_finished(max(handler.remaining(), 0.1))
             if self._step != self._saved_step:
                 self._save(self._pending or {}, synchronous=True)
-        except CheckpointWriteError:
-            raise
         finally:
             self.preempted = True
         if self.verbose:

@@ -215,7 +215,7 @@ class Uploader:
             )
         if parts.query or parts.fragment:
             _invalid("url", url, "a URL without ?query or #fragment")
-        return parts.scheme, parts.netloc, parts.path.strip("/")
+        return parts.scheme.lower(), parts.netloc, parts.path.strip("/")
 
     def _format_url(self):
         base = f"{self.scheme}://{self.bucket}"
@@ -365,9 +365,13 @@ class Uploader:
                 f"Could not {what} {target}: it does not exist."
             )
         tries = f" after {attempts} attempts" if attempts > 1 else ""
-        message = f"Could not {what} {target}{tries}: {_summary(exc)}."
+        cause = _summary(exc)
         hint = self._hint(kind)
-        return StorageError(f"{message} {hint}".strip())
+        if hint:
+            return StorageError(
+                f"Could not {what} {target}{tries}. {hint} (Cause: {cause}.)"
+            )
+        return StorageError(f"Could not {what} {target}{tries}: {cause}.")
 
     # ----------------------------------------------------------------------
     # Retried file-level operations (names are relative to the prefix).
@@ -517,7 +521,7 @@ class Uploader:
                     data, source=f"{url}.json"
                 )
             except CorruptCheckpointError as e:
-                logger.warning("Skipping %s: %s", url, e)
+                logger.warning("Listing %s as incomplete: %s", url, e)
                 infos.append(manifest_lib.CheckpointInfo(
                     name=name, step=manifest_lib.step_of(name), epoch=0,
                     batch=0, url=url, complete=False,
@@ -905,7 +909,9 @@ def _check_name(name):
 
 
 def _summary(exc):
-    text = str(exc).strip().replace("\n", " ")
+    # The first line: SDK messages can go on with a whole XML/JSON reply.
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0].rstrip(".") if lines else ""
     if len(text) > 300:
         text = text[:297] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
