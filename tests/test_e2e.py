@@ -3,7 +3,8 @@
 - A job is killed mid-epoch, its VM's disk is wiped, and the same command
   resumes from the mirror (file, S3, GCS, Azure) bitwise exactly.
 - A checkpoint half-uploaded when the job was killed is never resumed from.
-- SIGTERM (preemption) mid-epoch on SageMaker, Vertex AI and locally: exit
+- SIGTERM (preemption) mid-epoch on SageMaker, Vertex AI, Azure ML and
+  locally: exit
   143, no export; the restart resumes exactly, finishes and exports in the
   platform's layout; the export serves what the model computes.
 """
@@ -165,7 +166,7 @@ def _load_export(path):
     return next(iter(signature(**{name: x}).values())).numpy()
 
 
-@pytest.mark.parametrize("platform", ["local", "sagemaker", "vertex"])
+@pytest.mark.parametrize("platform", ["local", "sagemaker", "vertex", "azureml"])
 def test_preemption_and_export_on_each_platform(
         tmp_path, platform, gcs_url, subprocess_env, reference):
     out = str(tmp_path / "out.npz")
@@ -174,6 +175,11 @@ def test_preemption_and_export_on_each_platform(
         workdir = tmp_path / "job"
         workdir.mkdir()
         export = workdir / "export" / "1"
+    elif platform == "azureml":
+        workdir = tmp_path / "job"
+        workdir.mkdir()
+        extra = dict(AZUREML_RUN_ID="keras-ckpt-test-run")
+        export = workdir / "outputs" / "model" / "1"
     elif platform == "sagemaker":
         workdir = tmp_path
         extra = dict(SM_MODEL_DIR=str(tmp_path / "model"),
