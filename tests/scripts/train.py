@@ -60,7 +60,10 @@ class Killer(keras.callbacks.Callback):
         self.ckpt, self.kill_at, self.sig = ckpt, kill_at, sig
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.kill_at is not None and self.ckpt._step >= self.kill_at:
+        # Only once a checkpoint has committed, so that there is one to
+        # resume from (a save may still be in flight: that one is lost).
+        if (self.kill_at is not None and self.ckpt._step >= self.kill_at
+                and self.ckpt.last_saved is not None):
             os.kill(os.getpid(), self.sig)
 
 
