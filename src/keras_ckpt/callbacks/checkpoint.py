@@ -84,6 +84,8 @@ class Checkpoint(keras.callbacks.Callback):
         preemption_watch: None, `"auto"` or a tuple of `"gce"`, `"ec2"`,
             `"azure"`: also poll those metadata servers for preemption
             notices. Defaults to None.
+        preemption_poll_interval: float, seconds between two polls of the
+            metadata servers in `preemption_watch`. Defaults to 5.
         verbose: 0 or 1. Log each save and what a resume restored.
             Defaults to 1.
 
@@ -118,6 +120,7 @@ class Checkpoint(keras.callbacks.Callback):
         on_preemption="exit",
         preemption_grace_seconds=25.0,
         preemption_watch=None,
+        preemption_poll_interval=5.0,
         verbose=1,
     ):
         super().__init__()
@@ -156,6 +159,8 @@ class Checkpoint(keras.callbacks.Callback):
             _invalid("when_busy", when_busy, '"wait" or "skip"')
         if on_preemption not in _PREEMPTION:
             _invalid("on_preemption", on_preemption, '"exit", "stop" or None')
+        _check_optional_positive(
+            "preemption_poll_interval", preemption_poll_interval)
         if preemption_watch is not None:
             from keras_ckpt.preemption import validate_watch
 
@@ -189,6 +194,7 @@ class Checkpoint(keras.callbacks.Callback):
         self.on_preemption = on_preemption
         self.preemption_grace_seconds = float(preemption_grace_seconds)
         self.preemption_watch = preemption_watch
+        self.preemption_poll_interval = preemption_poll_interval
         self.verbose = int(verbose)
         self._entries = state_lib.parse_state_argument(state)
         self._store = manager_lib.LocalCheckpoints(self.directory)
@@ -600,6 +606,7 @@ class Checkpoint(keras.callbacks.Callback):
         self._preemption = preemption.PreemptionHandler(
             grace_seconds=self.preemption_grace_seconds,
             watch=self.preemption_watch,
+            poll_interval=self.preemption_poll_interval or 5.0,
         )
         self._preemption.install()
 
@@ -633,7 +640,17 @@ class Checkpoint(keras.callbacks.Callback):
             sys.stdout.flush()
             sys.stderr.flush()
             raise SystemExit(PREEMPTED_EXIT_CODE)
+        # "stop": end fit without training the batch that is about to run,
+        # so the model in memory is exactly the checkpoint just committed.
         self.model.stop_training = True
+        model = self.model
+        original = model.train_function
+
+        def skip_once(iterator):
+            model.train_function = original
+            return model.get_metrics_result()
+
+        model.train_function = skip_once
 
     def _log_platform(self):
         if self.verbose and self.platform is not None and (
