@@ -40,10 +40,11 @@ class Checkpoint(keras.callbacks.Callback):
         directory: str or None, the local working directory. None uses the
             detected platform's preset (`KERAS_CKPT_DIR` overrides it), else
             `./checkpoints`.
-        mirror: str, `Uploader` or None. A URL (`s3://bucket/prefix`,
-            `gs://...`, `az://container/prefix`, `file:///path`) that every
-            committed checkpoint is copied to in the background. None uses the
-            platform preset (`KERAS_CKPT_MIRROR` overrides it).
+        mirror: str, path, `Uploader` or None. A URL (`s3://bucket/prefix`,
+            `gs://...`, `az://container/prefix`, `file:///path`) or a local
+            path (a `file://` mirror) that every committed checkpoint is
+            copied to in the background. None uses the platform preset
+            (`KERAS_CKPT_MIRROR` overrides it).
         save_freq: `"epoch"` or a positive int. Save at the end of every
             epoch, or every N training batches (counted in batches, also with
             `steps_per_execution` > 1). Defaults to `"epoch"`.
@@ -86,8 +87,8 @@ class Checkpoint(keras.callbacks.Callback):
             notices. Defaults to None.
         preemption_poll_interval: float, seconds between two polls of the
             metadata servers in `preemption_watch`. Defaults to 5.
-        verbose: 0 or 1. Log each save and what a resume restored.
-            Defaults to 1.
+        verbose: 0 or 1 (2, True and False are accepted as in Keras). Log
+            each save and what a resume restored. Defaults to 1.
 
     Example:
 

@@ -28,7 +28,8 @@ class ExportSavedModel(keras.callbacks.Callback):
         layout: `"auto"` (the detected platform's), `"plain"`, `"sagemaker"`
             or `"vertex"`. Defaults to `"auto"`.
         version: int or None, the numeric version directory for `"plain"`
-            and `"sagemaker"` layouts. Defaults to 1.
+            and `"sagemaker"` layouts; must be None for `"vertex"`.
+            Defaults to None, meaning 1.
         overwrite: bool, replace an earlier export at the same place (a
             restarted job exports again). Defaults to True.
         verbose: 0 or 1. Defaults to 1.
