@@ -151,7 +151,7 @@ def test_layout_manifest_and_tf_interoperability(tmp_path):
     assert (manifest.step, manifest.epoch, manifest.batch) == (9, 1, 3)
     for filename, entry in manifest.files.items():
         assert (tmp_path / filename).stat().st_size == entry["size"]
-        assert manifest_lib.file_sha256(tmp_path / filename) == entry["sha256"]
+        assert manifest_lib.file_checksum(tmp_path / filename) == entry["crc32c"]
     paths = [spec[0] for spec in manifest.variables["model"]]
     assert any("seed_generator" in p for p in paths), paths  # dropout RNG
     assert any("iteration" in s[0] for s in manifest.variables["optimizer"])
@@ -484,7 +484,7 @@ def test_restore_detects_corruption(tmp_path):
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # same size, wrong bytes
     data.write_bytes(bytes(raw))
-    with pytest.raises(keras_ckpt.CorruptCheckpointError, match="SHA-256"):
+    with pytest.raises(keras_ckpt.CorruptCheckpointError, match="CRC32C"):
         keras_ckpt.restore(make_model(), tmp_path)
 
 

@@ -344,7 +344,7 @@ def test_verify_finds_damaged_checkpoints(capsys, source, tmp_path):
     lines = {line.split()[1].rstrip(":"): line for line in out.splitlines()
              if line.startswith(("OK", "BROKEN"))}
     assert lines["ckpt-6"].startswith("BROKEN")
-    assert "ckpt-6.index fails its SHA-256 checksum" in lines["ckpt-6"]
+    assert "ckpt-6.index fails its CRC32C checksum" in lines["ckpt-6"]
     assert lines["ckpt-2"].startswith("BROKEN") and "bytes" in lines["ckpt-2"]
     assert lines["ckpt-4"].startswith("OK")
     assert lines["ckpt-8"].startswith("OK")

@@ -102,9 +102,9 @@ def test_a_partial_upload_is_never_resumed_from(tmp_path, s3_url,
                                     "name": "ckpt-999", "step": 999,
                                     "files": {
                                         "ckpt-999.data-00000-of-00001": {
-                                            "size": 10, "sha256": "0" * 64},
+                                            "size": 10, "crc32c": "0" * 8},
                                         "ckpt-999.index": {
-                                            "size": 10, "sha256": "0" * 64}}})
+                                            "size": 10, "crc32c": "0" * 8}}})
     uploader.write_bytes("ckpt-999.data-00000-of-00001", b"x" * 10)
     uploader.write_bytes("ckpt-999.json", fake.to_json().encode())
     listed = {i.name: i.complete for i in uploader.list_checkpoints()}

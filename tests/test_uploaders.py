@@ -259,7 +259,7 @@ def test_download_detects_corruption(mirror_url, local_ckpts, tmp_path):
     with pytest.raises(CorruptCheckpointError) as error:
         uploader.download_checkpoint("ckpt-1", str(target))
     assert name in str(error.value) and mirror_url in str(error.value)
-    assert "SHA-256" in str(error.value)
+    assert "CRC32C" in str(error.value)
     assert os.listdir(target) == []  # no partial or temporary file left
     # Without verification the sizes match and the files are taken.
     uploader.download_checkpoint("ckpt-1", str(target), verify=False)

@@ -154,7 +154,7 @@ class _RemoteSource:
 
     def checksum_problems(self, entry):
         """Downloads each file (one at a time, to a temporary directory)
-        and checks its size and SHA-256 against the manifest."""
+        and checks its size and checksum against the manifest."""
         problems = []
         with tempfile.TemporaryDirectory(prefix="keras_ckpt-verify-") as tmp:
             for filename, spec in sorted(entry.manifest.files.items()):
@@ -170,8 +170,10 @@ class _RemoteSource:
                         f"{filename} has {size} bytes, manifest says "
                         f"{spec['size']}"
                     )
-                elif manifest_lib.file_sha256(path) != spec["sha256"]:
-                    problems.append(f"{filename} fails its SHA-256 checksum")
+                else:
+                    problem = manifest_lib.checksum_problem(path, spec)
+                    if problem:
+                        problems.append(f"{filename} {problem}")
                 os.remove(path)
         return problems
 
@@ -490,7 +492,8 @@ def _cmd_inspect(args):
     _out(f"Size        {_human_size(m.total_bytes)} in {len(m.files)} files")
     _out(_table(None, [
         [filename, _human_size(spec["size"]),
-         f"sha256 {str(spec.get('sha256', ''))[:16]}"]
+         f"{manifest_lib.CHECKSUM} "
+         f"{str(spec.get(manifest_lib.CHECKSUM, spec.get('sha256', '')))[:16]}"]
         for filename, spec in sorted(m.files.items())
     ], indent="  "))
     _out("Versions    " + (", ".join(f"{k} {v}" for k, v in
@@ -952,7 +955,7 @@ def _build_parser():
 
     verify = command(
         "verify", "Check every file of every checkpoint against its manifest.",
-        "Sizes and SHA-256 checksums; remote files are downloaded one at a "
+        "Sizes and CRC32C checksums; remote files are downloaded one at a "
         "time to a temporary directory and hashed. Prints OK or BROKEN (with "
         "the reasons) per checkpoint and exits with 1 if any is broken.",
         ["keras-ckpt verify ./checkpoints",

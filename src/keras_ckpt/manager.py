@@ -9,6 +9,7 @@ writes the `checkpoint` pointer before we can write the manifest; the commit
 order here is data -> index -> manifest -> pointer, each fsync'ed.
 """
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -231,18 +232,23 @@ class LocalCheckpoints:
                 for group, tensors in snapshot.tensors.items()
             }
             tf.train.Checkpoint(**trackables).write(self.prefix(name))
-            for filename in self.data_files(name):
-                _fsync_file(os.path.join(self.directory, filename))
-            manifest_lib.fsync_dir(self.directory)
+            # Checksums read the page cache while fsync writes it back.
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                files = pool.submit(
+                    manifest_lib.describe_files, self.directory,
+                    self.data_files(name),
+                )
+                for filename in self.data_files(name):
+                    _fsync_file(os.path.join(self.directory, filename))
+                manifest_lib.fsync_dir(self.directory)
+                files = files.result()
             manifest = manifest_lib.Manifest(
                 name=name,
                 step=int(step),
                 epoch=int(epoch),
                 batch=int(batch),
                 timestamp=time.time(),
-                files=manifest_lib.describe_files(
-                    self.directory, self.data_files(name)
-                ),
+                files=files,
                 metrics=_clean_metrics(metrics or {}),
                 variables=snapshot.specs,
                 state=snapshot.values,

@@ -2,7 +2,7 @@
 
 A checkpoint `ckpt-<N>` is the TensorFlow pair `ckpt-<N>.data-00000-of-00001`
 and `ckpt-<N>.index` plus the manifest `ckpt-<N>.json`, the commit record:
-it lists every file with its size and SHA-256, the training position, the
+it lists every file with its size and CRC32C checksum, the training position, the
 metrics at save time and metadata. A checkpoint is *complete* iff its manifest
 exists and every file it lists exists with the listed size.
 
@@ -53,7 +53,27 @@ def names_from_listing(filenames):
     return sorted(set(names), key=step_of)
 
 
-def file_sha256(path):
+# CRC32C, as GCS and TensorFlow's own tensor bundles use: hardware-accelerated
+# (about 5 GB/s here, against 1 GB/s for SHA-256), which matters when a
+# background writer shares two cores with training. Manifests name the
+# algorithm with the key, so "sha256" entries are still verified.
+CHECKSUM = "crc32c"
+
+
+def _crc32c_hex(path):
+    import google_crc32c
+
+    checksum = google_crc32c.Checksum()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_HASH_CHUNK)
+            if not chunk:
+                break
+            checksum.update(chunk)
+    return checksum.digest().hex()
+
+
+def _sha256_hex(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
@@ -62,6 +82,38 @@ def file_sha256(path):
                 break
             digest.update(chunk)
     return digest.hexdigest()
+
+
+_ALGORITHMS = {"crc32c": _crc32c_hex, "sha256": _sha256_hex}
+
+
+def file_checksum(path, algorithm=CHECKSUM):
+    """Hex checksum of a file (`"crc32c"` or `"sha256"`)."""
+    return _ALGORITHMS[algorithm](path)
+
+
+def checksum_problem(path, entry):
+    """None if `path` matches the checksum of its manifest `entry`, else why."""
+    for algorithm in _ALGORITHMS:
+        if algorithm in entry:
+            got = file_checksum(path, algorithm)
+            if got != entry[algorithm]:
+                return (
+                    f"fails its {algorithm.upper()} checksum (got {got}, the "
+                    f"manifest says {entry[algorithm]})"
+                )
+            return None
+    return "has no checksum in the manifest"
+
+
+def same_content(entry, other):
+    """Whether two manifest entries vouch for the same bytes."""
+    if not other or int(entry["size"]) != int(other.get("size", -1)):
+        return False
+    return any(
+        algorithm in entry and entry.get(algorithm) == other.get(algorithm)
+        for algorithm in _ALGORITHMS
+    )
 
 
 @dataclasses.dataclass
@@ -73,7 +125,7 @@ class Manifest:
     epoch: int
     batch: int
     timestamp: float
-    files: dict  # filename -> {"size": int, "sha256": str}
+    files: dict  # filename -> {"size": int, "crc32c": hex str}
     metrics: dict = dataclasses.field(default_factory=dict)
     variables: dict = dataclasses.field(default_factory=dict)
     state: dict = dataclasses.field(default_factory=dict)
@@ -134,7 +186,7 @@ def describe_files(directory, filenames):
     return {
         filename: {
             "size": os.path.getsize(os.path.join(directory, filename)),
-            "sha256": file_sha256(os.path.join(directory, filename)),
+            CHECKSUM: file_checksum(os.path.join(directory, filename)),
         }
         for filename in filenames
     }
@@ -154,8 +206,10 @@ def local_problems(directory, manifest, checksums=False):
             problems.append(
                 f"{filename} has {size} bytes, manifest says {entry['size']}"
             )
-        elif checksums and file_sha256(path) != entry["sha256"]:
-            problems.append(f"{filename} fails its SHA-256 checksum")
+        elif checksums:
+            problem = checksum_problem(path, entry)
+            if problem:
+                problems.append(f"{filename} {problem}")
     return problems
 
 

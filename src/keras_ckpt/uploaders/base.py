@@ -605,8 +605,8 @@ class Uploader:
             return (
                 remote is not None
                 and listing.get(filename) == int(entry["size"])
-                and remote.files.get(filename, {}).get("sha256")
-                == entry["sha256"]
+                and manifest_lib.same_content(
+                    entry, remote.files.get(filename))
             )
 
         pending = [f for f in _in_commit_order(manifest.files)
@@ -720,7 +720,7 @@ class Uploader:
         """Downloads checkpoint `name` into `local_dir`, verified.
 
         Files arrive under temporary names and are renamed into place only
-        once all of them have the manifest's sizes (and SHA-256 checksums,
+        once all of them have the manifest's sizes (and CRC32C checksums,
         with `verify`); the manifest is written last. On any failure no
         partial file is left behind. Files already in `local_dir` with the
         right size and checksum are reused.
@@ -728,7 +728,7 @@ class Uploader:
         Args:
             name: str, the checkpoint, e.g. `"ckpt-120"`.
             local_dir: str, created if needed.
-            verify: bool, check SHA-256 checksums. Defaults to `True`.
+            verify: bool, check CRC32C checksums. Defaults to `True`.
             progress: callable or None, called with byte counts.
 
         Returns:
@@ -843,7 +843,7 @@ class Uploader:
             local_dir: str, created if needed.
             names: list of str or None, which checkpoints; None means every
                 complete one.
-            verify: bool, check SHA-256 checksums. Defaults to `True`.
+            verify: bool, check CRC32C checksums. Defaults to `True`.
             progress: callable or None, called with byte counts.
 
         Returns:
@@ -940,12 +940,7 @@ def _file_problem(path, entry, verify):
     if size != int(entry["size"]):
         return f"has {size} bytes, the manifest says {entry['size']}"
     if verify:
-        digest = manifest_lib.file_sha256(path)
-        if digest != entry["sha256"]:
-            return (
-                f"fails its SHA-256 checksum (got {digest}, the manifest says"
-                f" {entry['sha256']})"
-            )
+        return manifest_lib.checksum_problem(path, entry)
     return None
 
 
