@@ -143,7 +143,7 @@ class _RemoteSource:
                 entries.append(_Entry(name, None, [str(e)], url))
                 continue
             entries.append(
-                _Entry(name, manifest, _size_problems(manifest, listing), url)
+                _Entry(name, manifest, manifest_lib.size_problems(manifest, listing), url)
             )
         return entries
 
@@ -209,19 +209,6 @@ def _open_source(source):
         return _RemoteSource(_uploader(base)), name
     store, name = sources.local_source(source)
     return _LocalSource(store.directory), name
-
-
-def _size_problems(manifest, sizes):
-    problems = []
-    for filename, spec in sorted(manifest.files.items()):
-        size = sizes.get(filename)
-        if size is None:
-            problems.append(f"{filename} is missing")
-        elif size != int(spec["size"]):
-            problems.append(
-                f"{filename} has {size} bytes, manifest says {spec['size']}"
-            )
-    return problems
 
 
 def _leftover_names(filenames):
@@ -632,7 +619,7 @@ def _cmd_push(args):
             manifest_file = manifest_lib.manifest_name(entry.name)
             mirrored = (
                 manifest_file in listing
-                and not _size_problems(entry.manifest, listing)
+                and not manifest_lib.size_problems(entry.manifest, listing)
                 and _read(local.store.manifest_path(entry.name))
                 == uploader.read_bytes(manifest_file)
             )

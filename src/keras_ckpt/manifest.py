@@ -60,28 +60,24 @@ def names_from_listing(filenames):
 CHECKSUM = "crc32c"
 
 
+def _digest(path, hasher):
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_HASH_CHUNK)
+            if not chunk:
+                break
+            hasher.update(chunk)
+    return hasher.digest().hex()
+
+
 def _crc32c_hex(path):
     import google_crc32c
 
-    checksum = google_crc32c.Checksum()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_HASH_CHUNK)
-            if not chunk:
-                break
-            checksum.update(chunk)
-    return checksum.digest().hex()
+    return _digest(path, google_crc32c.Checksum())
 
 
 def _sha256_hex(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_HASH_CHUNK)
-            if not chunk:
-                break
-            digest.update(chunk)
-    return digest.hexdigest()
+    return _digest(path, hashlib.sha256())
 
 
 _ALGORITHMS = {"crc32c": _crc32c_hex, "sha256": _sha256_hex}
@@ -192,22 +188,32 @@ def describe_files(directory, filenames):
     }
 
 
-def local_problems(directory, manifest, checksums=False):
-    """Lists what is wrong with a local checkpoint's files (empty if fine)."""
+def size_problems(manifest, sizes):
+    """What is missing or truncated, given `{filename: size}` of a listing."""
     problems = []
     for filename, entry in sorted(manifest.files.items()):
-        path = os.path.join(directory, filename)
-        try:
-            size = os.path.getsize(path)
-        except OSError:
+        size = sizes.get(filename)
+        if size is None:
             problems.append(f"{filename} is missing")
-            continue
-        if size != int(entry["size"]):
+        elif size != int(entry["size"]):
             problems.append(
                 f"{filename} has {size} bytes, manifest says {entry['size']}"
             )
-        elif checksums:
-            problem = checksum_problem(path, entry)
+    return problems
+
+
+def local_problems(directory, manifest, checksums=False):
+    """Lists what is wrong with a local checkpoint's files (empty if fine)."""
+    sizes = {}
+    for filename in manifest.files:
+        try:
+            sizes[filename] = os.path.getsize(os.path.join(directory, filename))
+        except OSError:
+            pass
+    problems = size_problems(manifest, sizes)
+    if checksums and not problems:
+        for filename, entry in sorted(manifest.files.items()):
+            problem = checksum_problem(os.path.join(directory, filename), entry)
             if problem:
                 problems.append(f"{filename} {problem}")
     return problems

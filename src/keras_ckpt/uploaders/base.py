@@ -529,7 +529,7 @@ class Uploader:
                 continue
             infos.append(manifest_lib.CheckpointInfo.from_manifest(
                 manifest, url=url,
-                complete=not _remote_problems(manifest, listing),
+                complete=not manifest_lib.size_problems(manifest, listing),
             ))
         return infos
 
@@ -584,7 +584,7 @@ class Uploader:
         remote = None
         if manifest_file in listing:
             remote_bytes = self.read_bytes(manifest_file)
-            if remote_bytes == manifest_bytes and not _remote_problems(
+            if remote_bytes == manifest_bytes and not manifest_lib.size_problems(
                 manifest, listing
             ):
                 return
@@ -615,7 +615,7 @@ class Uploader:
             self.upload_file(
                 os.path.join(local_dir, filename), filename, progress
             )
-        wrong = _remote_problems(manifest, self.list_files())
+        wrong = manifest_lib.size_problems(manifest, self.list_files())
         if wrong:
             raise StorageError(
                 f"Upload of checkpoint `{name}` to {self.url} did not verify: "
@@ -649,7 +649,7 @@ class Uploader:
                    if manifest_lib.manifest_name(n) not in listing]
         if not missing:
             latest = self.read_manifest(names[-1])
-            missing = [names[-1]] if _remote_problems(latest, listing) else []
+            missing = [names[-1]] if manifest_lib.size_problems(latest, listing) else []
         if missing:
             raise StorageError(
                 f"Refusing to point {self._url_of(manifest_lib.POINTER_NAME)} "
@@ -920,19 +920,6 @@ def _summary(exc):
 def _in_commit_order(filenames):
     # Data before index, as tf.train.Checkpoint writes them locally.
     return sorted(filenames, key=lambda f: (f.endswith(".index"), f))
-
-
-def _remote_problems(manifest, listing):
-    problems = []
-    for filename, entry in sorted(manifest.files.items()):
-        size = listing.get(filename)
-        if size is None:
-            problems.append(f"{filename} is missing")
-        elif size != int(entry["size"]):
-            problems.append(
-                f"{filename} has {size} bytes, manifest says {entry['size']}"
-            )
-    return problems
 
 
 def _file_problem(path, entry, verify):
