@@ -436,3 +436,20 @@ def test_uninstall_keeps_a_handler_installed_after_ours():
     assert proc.returncode == 0, proc.stderr
     # Ours is inactive after uninstall but still forwards to `first`.
     assert proc.stdout.split() == ["True", "False", "later,first"]
+
+
+def test_a_stuck_process_still_exits_at_the_deadline():
+    """SIGTERM while no batch boundary comes: exit 143 when the budget ends."""
+    start = time.monotonic()
+    result = run_script("""
+        import os, signal, time
+        handler = PreemptionHandler(grace_seconds=0.5, exit_code_at_deadline=143)
+        handler.install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # a hung input pipeline: never reaches a boundary
+        sys.exit(0)
+    """)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 143, result.stderr
+    assert "budget ran out" in result.stderr
+    assert elapsed < 20

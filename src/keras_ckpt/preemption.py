@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import urllib.error
@@ -129,6 +130,7 @@ class PreemptionHandler:
         gce_metadata_url=None,
         ec2_metadata_url=None,
         azure_metadata_url=None,
+        exit_code_at_deadline=None,
     ):
         if (
             isinstance(grace_seconds, bool)
@@ -157,6 +159,11 @@ class PreemptionHandler:
         for name, (env_key, default) in _URL_ENV.items():
             url = given[name] or os.environ.get(env_key) or default
             self._urls[name] = url.rstrip("/")
+
+        # A process stuck where no batch boundary comes (a hung input
+        # pipeline, a collective waiting for a dead peer) must still end
+        # within the budget, as the platform would end it anyway.
+        self.exit_code_at_deadline = exit_code_at_deadline
 
         self._requested = False
         self._reason = None
@@ -255,6 +262,8 @@ class PreemptionHandler:
                 stacklevel=2,
             )
         self._start_watchers()
+        if self.exit_code_at_deadline is not None:
+            self._start_deadline_watchdog()
         return self._active
 
     def uninstall(self):
@@ -287,6 +296,27 @@ class PreemptionHandler:
 
     def __exit__(self, *exc_info):
         self.uninstall()
+
+    def _start_deadline_watchdog(self):
+        stop = self._stop
+
+        def watchdog():
+            while not stop.wait(0.2):
+                deadline = self._deadline
+                if deadline is not None and time.monotonic() >= deadline:
+                    sys.stderr.write(
+                        f"keras_ckpt: the {self.grace_seconds:g} s preemption "
+                        "budget ran out before training reached a batch "
+                        "boundary; exiting now. The last committed "
+                        "checkpoint is intact.\n"
+                    )
+                    sys.stderr.flush()
+                    os._exit(self.exit_code_at_deadline)
+
+        thread = threading.Thread(target=watchdog, daemon=True,
+                                  name="keras_ckpt-preemption-deadline")
+        thread.start()
+        self._threads.append(thread)
 
     def _handle_signal(self, signum, frame):
         if self._active:
