@@ -133,7 +133,7 @@ class Platform:
             parts.append(f"export to {_join(self.model_dir, '<version>')}")
         text = f"Detected {self.display_name}: " + ", ".join(parts)
         if self.task_type is not None:
-            role = "chief" if self.is_chief else "not chief: saves go to a private temp dir"
+            role = "chief" if self.is_chief else "not chief: writes no checkpoints, restores the chief's"
             text += (
                 f" [task {self.task_type}:{self.task_index} of "
                 f"{self.num_workers} training replicas, {role}]"

@@ -3,6 +3,7 @@
 import os
 import tempfile
 
+from keras_ckpt import distribute
 from keras_ckpt import manager as manager_lib
 from keras_ckpt import sources
 from keras_ckpt import state as state_lib
@@ -116,7 +117,7 @@ def _assign(model, manifest, store, optimizer):
     restore_optimizer = bool(optimizer) and opt is not None and bool(
         manifest.variables.get("optimizer")
     )
-    if restore_optimizer and not opt.built:
+    if restore_optimizer and not distribute.optimizer_built(opt):
         opt.build(model.trainable_variables)
     training_state = state_lib.TrainingState(model)
     training_state.check_compatible(

@@ -95,11 +95,18 @@ def metadata(model):
         json.dumps(config)
     except Exception:  # subclassed models without get_config()
         config = None
+    from keras_ckpt import distribute
+
+    if distribute.is_legacy_model(model):
+        # A tf_keras config, which Keras 3 (`keras-ckpt export`) cannot rebuild.
+        config = None
     return {
         "versions": {
             "keras_ckpt": __version__,
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
+            **({"tf_keras": distribute.tf_keras.__version__}
+               if distribute.is_legacy_model(model) else {}),
             "python": python_platform.python_version(),
         },
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -188,8 +195,13 @@ def fetch_remote(uploader, which, local_dir, retention=None):
     return manifest, store
 
 
-def find_resume_checkpoint(resume, store, uploader, retention):
-    """Returns (manifest, store, origin) of the checkpoint to resume, or None."""
+def find_resume_checkpoint(resume, store, uploader, retention,
+                           download_dir=None):
+    """Returns (manifest, store, origin) of the checkpoint to resume, or None.
+
+    Downloads go to `store` unless `download_dir` is given (a worker that is
+    not the chief must not write to the checkpoint directory).
+    """
     if resume is False:
         existing = store.manifests()
         if existing:
@@ -219,11 +231,12 @@ def find_resume_checkpoint(resume, store, uploader, retention):
                     not candidates
                     or _better(best_remote, candidates[0][0], which, retention)
                 ):
-                    manifest, _ = fetch_remote(
-                        uploader, best_remote.name, store.directory
+                    manifest, fetched = fetch_remote(
+                        uploader, best_remote.name,
+                        download_dir or store.directory
                     )
                     candidates = [
-                        (manifest, store, f"{uploader.url}/{manifest.name}")]
+                        (manifest, fetched, f"{uploader.url}/{manifest.name}")]
         if not candidates:
             return None
         return candidates[0]
@@ -233,7 +246,7 @@ def find_resume_checkpoint(resume, store, uploader, retention):
 
         base, name = split_checkpoint_url(resume)
         remote = get_uploader(base)
-        cache = os.path.join(store.directory, ".branch-cache")
+        cache = download_dir or os.path.join(store.directory, ".branch-cache")
         manifest, branch_store = fetch_remote(
             remote, name or "latest", cache
         )

@@ -30,6 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_ckpt import distribute
 from keras_ckpt.errors import IncompatibleCheckpointError
 
 # ---------------------------------------------------------------------------
@@ -50,7 +51,9 @@ _MONITOR_FIELDS = {
 _STATELESS = (
     keras.callbacks.LearningRateScheduler,
     keras.callbacks.TerminateOnNaN,
-)
+) + distribute.legacy_stateless_callbacks()
+# The same callbacks of tf_keras, under TF_USE_LEGACY_KERAS=1.
+_MONITOR_FIELDS.update(distribute.legacy_monitor_fields())
 
 
 class _AttributeAdapter:
@@ -141,7 +144,7 @@ class StateEntry:
 
     @property
     def is_callback(self):
-        return isinstance(self.obj, keras.callbacks.Callback)
+        return isinstance(self.obj, distribute.CALLBACK_TYPES)
 
 
 def parse_state_argument(state):
@@ -216,7 +219,7 @@ def _dtype_name(variable):
 def _read(variable):
     # The variable's current buffer; see the module docstring for why holding
     # it is a consistent snapshot.
-    return tf.convert_to_tensor(variable)
+    return tf.convert_to_tensor(distribute.local_value(variable))
 
 
 def _encode_value(name, key, value, arrays):
@@ -285,7 +288,9 @@ class TrainingState:
 
         add("model", self.model.variables)
         optimizer = getattr(self.model, "optimizer", None)
-        if include_optimizer and optimizer is not None and optimizer.built:
+        if include_optimizer and optimizer is not None and (
+            distribute.optimizer_built(optimizer)
+        ):
             add("optimizer", optimizer.variables)
         if include_metrics:
             add("metrics", getattr(self.model, "metrics_variables", []))

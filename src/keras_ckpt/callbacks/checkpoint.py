@@ -4,9 +4,9 @@ import os
 import sys
 import time
 
-import keras
 from keras.src.utils import io_utils
 
+from keras_ckpt import distribute
 from keras_ckpt import manager as manager_lib
 from keras_ckpt import sources
 from keras_ckpt import state as state_lib
@@ -18,7 +18,7 @@ _PREEMPTION = ("exit", "stop", None)
 PREEMPTED_EXIT_CODE = 143
 
 
-class Checkpoint(keras.callbacks.Callback):
+class Checkpoint(distribute.Callback):
     """Saves the complete training state and resumes it exactly.
 
     Each checkpoint holds the model's variables (including non-trainable ones
@@ -200,6 +200,7 @@ class Checkpoint(keras.callbacks.Callback):
         self._entries = state_lib.parse_state_argument(state)
         self._store = manager_lib.LocalCheckpoints(self.directory)
         self._writer = writer_lib.BackgroundWriter()
+        self._cluster = distribute.Cluster(self.platform)
         self._patched = {}
         self.preempted = False
         self.restored = None  # CheckpointInfo of the checkpoint resumed from
@@ -249,10 +250,13 @@ class Checkpoint(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._reset_run_state()
         self.preempted = False
+        self._cluster.begin(
+            self.model, log=io_utils.print_msg if self.verbose else None)
         self._writer.check_for_errors()
         if self.uploader is not None:
             self.uploader.check()
-        self._store.ensure_directory()
+        if self._cluster.writes:
+            self._store.ensure_directory()
         self._log_platform()
         self._restore_at_start()
         self._install_preemption()
@@ -320,8 +324,10 @@ class Checkpoint(keras.callbacks.Callback):
         finally:
             self._uninstall_preemption()
             self._unpatch_callbacks()
-            self.model._initial_epoch = None
+            distribute.clear_initial_epoch(self.model)
             self._restore_train_function()
+            self._cluster.end(
+                getattr(self.last_saved, "name", None), self.flush_timeout)
 
     def finalize(self, logs=None):
         """Commits the final checkpoint and waits for pending writes.
@@ -359,7 +365,9 @@ class Checkpoint(keras.callbacks.Callback):
         """A point where no callback is mid-update: save, check, preempt."""
         self._writer.check_for_errors()
         self._record_epoch()
-        if self._preemption is not None and self._preemption.requested:
+        if self._preemption is not None and self._cluster.preemption_due(
+            self._preemption, self._step
+        ):
             self._handle_preemption()
             return
         if self._pending is not None:
@@ -370,6 +378,9 @@ class Checkpoint(keras.callbacks.Callback):
         self._since_save = 0
         self._last_save_time = time.monotonic()
         if self._step == self._saved_step:
+            return
+        if not self._cluster.writes:  # only the chief writes checkpoints
+            self._saved_step = self._step
             return
         snapshot = self._training_state.snapshot()
         position = dict(step=self._step, epoch=self._epoch, batch=self._batch)
@@ -416,7 +427,7 @@ class Checkpoint(keras.callbacks.Callback):
     # Resuming
     # ------------------------------------------------------------------
     def _restore_at_start(self):
-        found = sources.find_resume_checkpoint(
+        found = self._cluster.find_resume_checkpoint(
             self.resume, self._store, self.uploader, self.retention
         )
         if found is None:
@@ -435,7 +446,7 @@ class Checkpoint(keras.callbacks.Callback):
                 "with keras.Input(...) or by calling it on a batch of data."
             )
         optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is not None and not optimizer.built:
+        if optimizer is not None and not distribute.optimizer_built(optimizer):
             # Otherwise the optimizer's slots would be created (and zeroed)
             # after the restore.
             optimizer.build(self.model.trainable_variables)
@@ -451,7 +462,7 @@ class Checkpoint(keras.callbacks.Callback):
             manifest.epoch, manifest.batch, manifest.step,
         )
         self._saved_step = manifest.step
-        self.model._initial_epoch = manifest.epoch
+        distribute.set_initial_epoch(self.model, manifest.epoch)
         self._pending_values = (manifest.state, arrays)
         # Plain objects now; callbacks once their own on_train_begin has run.
         self._apply_callback_values(self._began | {
@@ -494,7 +505,7 @@ class Checkpoint(keras.callbacks.Callback):
         """
         model = self.model
         original = model.train_function
-        steps_per_execution = max(1, int(getattr(model, "steps_per_execution", 1)))
+        steps_per_execution = distribute.steps_per_execution(model)
         remaining = [n_batches]
 
         def skip_or_train(iterator):
@@ -608,6 +619,8 @@ class Checkpoint(keras.callbacks.Callback):
             grace_seconds=self.preemption_grace_seconds,
             watch=self.preemption_watch,
             poll_interval=self.preemption_poll_interval or 5.0,
+            exit_code_at_deadline=(
+                PREEMPTED_EXIT_CODE if self.on_preemption == "exit" else None),
         )
         self._preemption.install()
 
@@ -631,6 +644,8 @@ class Checkpoint(keras.callbacks.Callback):
                 self._save(self._pending or {}, synchronous=True)
         finally:
             self.preempted = True
+            self._cluster.preemption_saved(
+                handler, getattr(self.last_saved, "name", None))
         if self.verbose:
             io_utils.print_msg(
                 f"keras_ckpt: preemption checkpoint committed in "

@@ -1,8 +1,8 @@
 """`keras_ckpt.ExportSavedModel`: a servable model at the end of a completed fit."""
 
-import keras
 from keras.src.utils import io_utils
 
+from keras_ckpt import distribute
 from keras_ckpt import export as export_lib
 from keras_ckpt import state as state_lib
 
@@ -10,7 +10,7 @@ SOURCES = ("latest", "best", "model")
 LAYOUTS = ("auto",) + export_lib.LAYOUTS
 
 
-class ExportSavedModel(keras.callbacks.Callback):
+class ExportSavedModel(distribute.Callback):
     """Exports a SavedModel when `fit()` completes — never after preemption.
 
     The SavedModel has `serve` and `serving_default` signatures and is
