@@ -39,7 +39,8 @@ test-fast: $(VENV)/.installed-test $(AZURITE)
 	KERAS_CKPT_AZURITE=$(abspath $(AZURITE)) $(BIN)/python -m pytest tests -m "not slow"
 
 bench: $(VENV)/.installed-test $(AZURITE)
-	KERAS_CKPT_AZURITE=$(abspath $(AZURITE)) $(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py
+	KERAS_CKPT_AZURITE=$(abspath $(AZURITE)) $(BIN)/python benchmarks/mirror.py
 
 docs: $(VENV)/.installed-test
 	$(BIN)/mkdocs build --strict

@@ -70,9 +70,9 @@ class AzureUploader(base.Uploader):
                     connection_timeout=self.options.timeout,
                     read_timeout=self.options.timeout,
                     max_single_put_size=self.options.multipart_threshold,
-                    max_block_size=self.options.chunk_size,
+                    max_block_size=self.chunk_size,
                     max_single_get_size=self.options.multipart_threshold,
-                    max_chunk_get_size=self.options.chunk_size,
+                    max_chunk_get_size=self.chunk_size,
                 )
                 if self._connection_string:
                     service = BlobServiceClient.from_connection_string(

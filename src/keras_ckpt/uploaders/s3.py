@@ -72,7 +72,7 @@ class S3Uploader(base.Uploader):
     def _transfer_config(self):
         return TransferConfig(
             multipart_threshold=self.options.multipart_threshold,
-            multipart_chunksize=self.options.chunk_size,
+            multipart_chunksize=self.chunk_size,
             max_concurrency=self.options.max_concurrency,
             use_threads=True,
         )
