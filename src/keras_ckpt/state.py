@@ -291,7 +291,7 @@ class TrainingState:
         if include_optimizer and optimizer is not None and (
             distribute.optimizer_built(optimizer)
         ):
-            add("optimizer", optimizer.variables)
+            add("optimizer", _optimizer_variables(optimizer))
         if include_metrics:
             add("metrics", getattr(self.model, "metrics_variables", []))
         add("rng", _global_rng_variables())
@@ -387,6 +387,21 @@ class TrainingState:
             entry.adapter.set_state(
                 _decode_value(values[entry.name], own_arrays)
             )
+
+
+def _optimizer_variables(optimizer):
+    """`optimizer.variables`, plus a learning-rate variable kept outside it.
+
+    Keras 3 lists its learning-rate variable; tf_keras' optimizers do not,
+    so a LR changed by ReduceLROnPlateau would not be saved.
+    """
+    variables = list(optimizer.variables)
+    learning_rate = getattr(optimizer, "_learning_rate", None)
+    if isinstance(learning_rate, (tf.Variable, keras.Variable)) and all(
+        learning_rate is not v for v in variables
+    ):
+        variables.append(learning_rate)
+    return variables
 
 
 def _first_mismatch(live, saved):
