@@ -7,12 +7,14 @@ Times, for the same model as `run.py`:
   snapshot       TrainingState.snapshot() on the training thread
   tf_write       tf.train.Checkpoint(...).write() of the snapshot tensors
   fsync          fsync of the data and index files and of the directory
-  sha256         manifest_lib.describe_files() (re-reads the data to hash it)
+  checksums      manifest_lib.describe_files() (re-reads the files to checksum
+                 them; keras_ckpt overlaps it with the fsyncs)
   manifest       Manifest JSON: atomic write + fsync
   store.write    all of the above as LocalCheckpoints.write() runs them
   retain         LocalCheckpoints.retain() (pointer, deletions)
   raw            open/write/fsync of as many bytes (the disk's limit)
-  sha256_mem     hashlib.sha256 over the bytes already in memory (CPU cost)
+  crc32c_mem, sha256_mem
+                 the checksum over the bytes already in memory (its CPU cost)
   next_step      with --during-training: the first train step after a
                  snapshot vs a normal step (the copy-on-write of the buffers
                  the snapshot holds happens there)
@@ -96,7 +98,8 @@ def main(argv=None):
                 manifest_lib.fsync_dir(directory)
 
             t("fsync", fsync_all)
-            t("sha256", lambda: manifest_lib.describe_files(directory, files))
+            t("checksums", lambda: manifest_lib.describe_files(directory,
+                                                               files))
             t("manifest", lambda: manifest_lib.atomic_write(
                 os.path.join(directory, f"manual-{i}.json"), "{}" * 2000))
             for f in os.listdir(directory):
@@ -118,12 +121,21 @@ def main(argv=None):
             t("raw", raw)
             os.remove(path)
 
-            def sha_mem():
-                h = hashlib.sha256()
+            def hash_mem(h, chunk=16 << 20):
+                # In 16 MiB bytes chunks, as a file is read (google_crc32c
+                # takes bytes, not memoryviews).
                 for a in arrays:
-                    h.update(memoryview(a).cast("B"))
+                    view = memoryview(a).cast("B")
+                    for i in range(0, len(view), chunk):
+                        h.update(bytes(view[i:i + chunk]))
 
-            t("sha256_mem", sha_mem)
+            try:
+                import google_crc32c
+
+                t("crc32c_mem", lambda: hash_mem(google_crc32c.Checksum()))
+            except ImportError:
+                pass
+            t("sha256_mem", lambda: hash_mem(hashlib.sha256()))
         del arrays
 
         if args.during_training:
