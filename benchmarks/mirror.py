@@ -49,6 +49,8 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import emulators  # noqa: E402  (tests/emulators.py)
+from run import _cmd  # noqa: E402  (benchmarks/run.py)
+from worker import build as build_model  # noqa: E402  (benchmarks/worker.py)
 
 MiB = 2**20
 CLOUDS = ("s3", "gs", "az")
@@ -80,12 +82,6 @@ TARGET_RATIO = 0.9
 # ---------------------------------------------------------------------------
 # Machine and load (as run.py records them)
 # ---------------------------------------------------------------------------
-def _cmd(args):
-    try:
-        return subprocess.run(args, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    except Exception:
-        return ""
 
 
 def machine_info(path):
@@ -557,23 +553,6 @@ def summarize_transfers(result, clouds):
 # ---------------------------------------------------------------------------
 # Part 3: training stall
 # ---------------------------------------------------------------------------
-def build_model(width, layers, batch):
-    import keras
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((width,))
-    x = inputs
-    for _ in range(layers):
-        x = keras.layers.Dense(width)(x)
-    outputs = keras.layers.Dense(16)(x)
-    model = keras.Model(inputs, outputs)
-    model.compile(optimizer="adam", loss="mse", jit_compile=False)
-    data = tf.data.Dataset.from_tensors(
-        (tf.random.normal((batch, width)), tf.random.normal((batch, 16)))
-    ).repeat()
-    model.fit(data, epochs=1, steps_per_epoch=3, verbose=0)  # trace, build
-    return model, data
 
 
 def _clock():
