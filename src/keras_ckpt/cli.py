@@ -61,7 +61,7 @@ class _Entry:
     """One checkpoint (a `ckpt-<N>.json` manifest) of a source."""
 
     name: str
-    manifest: object  # manifest_lib.Manifest, or None if unreadable
+    manifest: object  # manifest_lib.Manifest, or None if invalid
     problems: list
     location: str  # local prefix or URL of the checkpoint
 
@@ -74,7 +74,21 @@ class _Entry:
         return manifest_lib.step_of(self.name)
 
 
-class _LocalSource:
+class _Source:
+    """A local directory or a mirror URL: both list through
+    `manifest.list_store`, via `LocalCheckpoints.listing()` or
+    `Uploader.listing()`."""
+
+    def entries(self):
+        """Every checkpoint with a manifest, valid or not, oldest first."""
+        return [
+            _Entry(listed.name, listed.manifest, list(listed.problems),
+                   self.where(listed.name))
+            for listed in self._listing()
+        ]
+
+
+class _LocalSource(_Source):
     """A local checkpoint directory (`keras_ckpt.manager.LocalCheckpoints`)."""
 
     remote = False
@@ -85,28 +99,15 @@ class _LocalSource:
         self.store = LocalCheckpoints(directory)
         self.location = self.store.directory
 
-    def entries(self):
-        """Every checkpoint with a manifest, complete or not, oldest first."""
+    def _listing(self):
         if not os.path.isdir(self.location):
             raise CheckpointNotFoundError(
                 f"{self.location} does not exist or is not a directory."
             )
-        names = manifest_lib.names_from_listing(os.listdir(self.location))
-        # The table reports broken checkpoints; the library's warning
-        # about skipping them would only repeat it.
-        with _quiet("keras_ckpt"):
-            found = self.store.manifests(include_incomplete=True)
-        # An unreadable manifest comes back as None: its name is the one
-        # listed name that no readable manifest claims.
-        known = {m.name for m, _ in found if m is not None}
-        unclaimed = iter(n for n in names if n not in known)
-        entries = []
-        for manifest, problems in found:
-            name = (manifest.name if manifest is not None
-                    else next(unclaimed, "?"))
-            entries.append(_Entry(name, manifest, list(problems),
-                                  self.store.prefix(name)))
-        return entries
+        return self.store.listing()
+
+    def where(self, name):
+        return self.store.prefix(name)
 
     def leftovers(self):
         return _leftover_names(os.listdir(self.location))
@@ -120,7 +121,7 @@ class _LocalSource:
         return self.location
 
 
-class _RemoteSource:
+class _RemoteSource(_Source):
     """A mirror URL, through its `Uploader`."""
 
     remote = True
@@ -128,29 +129,15 @@ class _RemoteSource:
     def __init__(self, uploader):
         self.uploader = uploader
         self.location = uploader.url
-        self._listing = None
 
-    def entries(self):
-        self._listing = listing = self.uploader.list_files()
-        entries = []
-        for name in manifest_lib.names_from_listing(listing):
-            url = f"{self.location}/{name}"
-            try:
-                manifest = self.uploader.read_manifest(name)
-            except CheckpointNotFoundError:
-                continue  # deleted since the listing
-            except CorruptCheckpointError as e:
-                entries.append(_Entry(name, None, [str(e)], url))
-                continue
-            entries.append(
-                _Entry(name, manifest, manifest_lib.size_problems(manifest, listing), url)
-            )
-        return entries
+    def _listing(self):
+        return self.uploader.listing()
+
+    def where(self, name):
+        return f"{self.location}/{name}"
 
     def leftovers(self):
-        if self._listing is None:
-            self._listing = self.uploader.list_files()
-        return _leftover_names(self._listing)
+        return _leftover_names(self.uploader.list_files())
 
     def checksum_problems(self, entry):
         """Downloads each file (one at a time, to a temporary directory)
@@ -158,7 +145,7 @@ class _RemoteSource:
         problems = []
         with tempfile.TemporaryDirectory(prefix="keras_ckpt-verify-") as tmp:
             for filename, spec in sorted(entry.manifest.files.items()):
-                path = os.path.join(tmp, filename)
+                path = manifest_lib.confined(tmp, filename)
                 try:
                     self.uploader.download_file(filename, path)
                 except CheckpointNotFoundError:
@@ -391,6 +378,7 @@ def _cmd_ls(args):
             "size": m.total_bytes if m else None,
             "metrics": dict(m.metrics) if m else {},
             "complete": entry.complete,
+            "valid": m is not None,
             "problems": entry.problems,
             "latest": "latest" in marks,
             "best": "best" in marks,
@@ -409,7 +397,8 @@ def _cmd_ls(args):
             row["name"], row["step"], _dash(row["epoch"]),
             _dash(row["batch"]), _local_time(row["timestamp"]),
             "-" if row["size"] is None else _human_size(row["size"]),
-            "complete" if row["complete"] else "INCOMPLETE",
+            "complete" if row["complete"] else (
+                "INCOMPLETE" if row["valid"] else "INVALID"),
             ",".join(m for m in ("latest", "best") if row[m]) or "-",
             _format_metrics(row["metrics"]) or "-",
         ]
@@ -571,7 +560,9 @@ def _cmd_pull(args):
     )
     uploader = _uploader(base)
     directory = os.path.abspath(args.dir)
-    complete = [i.name for i in uploader.list_checkpoints() if i.complete]
+    listing = {listed.name: listed.manifest for listed in uploader.listing()
+               if listed.complete}
+    complete = list(listing)
     if name is not None:
         names = [name]
     else:
@@ -587,9 +578,8 @@ def _cmd_pull(args):
     for n in names:
         if n not in complete:
             continue  # `pull()` names it in its error
-        manifest = uploader.read_manifest(n)
-        for filename, spec in manifest.files.items():
-            path = os.path.join(directory, filename)
+        for filename, spec in listing[n].files.items():
+            path = manifest_lib.confined(directory, filename)
             if not (os.path.isfile(path)
                     and os.path.getsize(path) == int(spec["size"])):
                 pending += int(spec["size"])
@@ -719,7 +709,9 @@ def _rebuild(config, location):
     import keras
 
     try:
-        return keras.saving.deserialize_keras_object(config)
+        # The config comes from a store: never run code it names (lambdas,
+        # arbitrary functions). Keras >= 3.14 has no known safe_mode bypass.
+        return keras.saving.deserialize_keras_object(config, safe_mode=True)
     except Exception as e:
         raise KerasCkptError(
             f"Could not rebuild the model from the config stored in "

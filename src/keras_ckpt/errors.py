@@ -39,3 +39,11 @@ class MissingDependencyError(KerasCkptError, ImportError):
 
 class ExportExistsError(KerasCkptError, FileExistsError):
     """The export destination already holds a model; pass `overwrite=True`."""
+
+
+class InvalidManifestError(CorruptCheckpointError):
+    """A manifest read from a store fails the manifest schema.
+
+    The checkpoint it describes is *invalid*: listed with this reason,
+    skipped by resume, retention, `restore()` and export.
+    """

@@ -122,13 +122,14 @@ class LocalCheckpoints:
 
     # -- paths ----------------------------------------------------------
     def prefix(self, name):
-        return os.path.join(self.directory, name)
+        return manifest_lib.confined(self.directory, name)
 
     def data_files(self, name):
         return [name + DATA_SUFFIX, name + INDEX_SUFFIX]
 
     def manifest_path(self, name):
-        return os.path.join(self.directory, manifest_lib.manifest_name(name))
+        return manifest_lib.confined(
+            self.directory, manifest_lib.manifest_name(name))
 
     # -- reading --------------------------------------------------------
     def _listing(self):
@@ -137,27 +138,38 @@ class LocalCheckpoints:
         except FileNotFoundError:
             return []
 
-    def manifests(self, include_incomplete=False):
-        """Manifests of the directory's checkpoints, oldest first.
+    def listing(self):
+        """Every checkpoint of the directory, valid or not, oldest first:
+        a list of `manifest.Listed` (see `manifest.list_store`)."""
+        return manifest_lib.list_directory(self.directory)
 
-        Checkpoints whose manifest is unreadable or whose files are missing
-        or truncated are skipped with a warning (listed with
-        `include_incomplete=True`, as `(manifest_or_None, problems)`).
+    def list_checkpoints(self):
+        """`CheckpointInfo` of every checkpoint, invalid ones included
+        (`complete=False`, with `problems`), oldest first; the same shape
+        as `Uploader.list_checkpoints()`."""
+        return [
+            manifest_lib.CheckpointInfo.from_listed(
+                listed, path=self.prefix(listed.name))
+            for listed in self.listing()
+        ]
+
+    def manifests(self, include_incomplete=False):
+        """Manifests of the directory's complete checkpoints, oldest first.
+
+        Invalid or incomplete checkpoints are skipped with one warning each
+        (listed with `include_incomplete=True`, as
+        `(manifest_or_None, problems)`).
         """
         result = []
-        for name in manifest_lib.names_from_listing(self._listing()):
-            path = self.manifest_path(name)
-            try:
-                manifest = manifest_lib.Manifest.read(path)
-                problems = manifest_lib.local_problems(self.directory, manifest)
-            except (OSError, CorruptCheckpointError) as e:
-                manifest, problems = None, [str(e)]
+        for listed in self.listing():
+            problems = list(listed.problems)
             if problems:
-                self._warn_broken(name, problems)
+                self._warn_broken(listed.name, problems)
                 if include_incomplete:
-                    result.append((manifest, problems))
+                    result.append((listed.manifest, problems))
                 continue
-            result.append((manifest, []) if include_incomplete else manifest)
+            result.append((listed.manifest, []) if include_incomplete
+                          else listed.manifest)
         return result
 
     def _warn_broken(self, name, problems):
@@ -338,12 +350,7 @@ class LocalCheckpoints:
                         pass
 
 
-def _fsync_file(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_file = manifest_lib.fsync_file
 
 
 def _describe_error(e):

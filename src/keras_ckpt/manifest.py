@@ -20,11 +20,20 @@ import time
 from typing import Any
 
 from keras_ckpt.errors import CorruptCheckpointError
+from keras_ckpt.errors import InvalidManifestError
 
 MANIFEST_FORMAT = "keras_ckpt/1"
 POINTER_NAME = "checkpoint"
-_NAME_RE = re.compile(r"^ckpt-(\d+)$")
-_MANIFEST_RE = re.compile(r"^(ckpt-\d+)\.json$")
+# Canonical names only: ASCII digits, no sign, no leading zero, no
+# whitespace (`\Z`, not `$`, which also matches before a newline).
+_NAME_RE = re.compile(r"ckpt-(0|[1-9][0-9]{0,18})\Z")
+_MANIFEST_RE = re.compile(r"(ckpt-(?:0|[1-9][0-9]{0,18}))\.json\Z")
+_DATA_RE = re.compile(r"\.data-[0-9]{5}-of-[0-9]{5}\Z")
+_HEX_RE = re.compile(r"[0-9a-f]+\Z")
+# Steps, epochs, batches and sizes fit in TensorFlow's int64.
+MAX_INT = 2**63 - 1
+# Timestamps `datetime` shows in any time zone: before the year 3000.
+_MAX_TIMESTAMP = 32503680000.0
 _HASH_CHUNK = 8 * 1024 * 1024
 
 
@@ -34,9 +43,85 @@ def checkpoint_name(step):
 
 
 def step_of(name):
-    """Returns the step number of a checkpoint name, or None."""
+    """Returns the step of a checkpoint name (`ckpt-<N>`), or None.
+
+    Only canonical names count: `ckpt-` and the decimal step without sign,
+    whitespace or leading zeros, below 2**63.
+    """
+    if not isinstance(name, str):
+        return None
     match = _NAME_RE.match(name)
-    return int(match.group(1)) if match else None
+    if not match:
+        return None
+    step = int(match.group(1))
+    return step if step <= MAX_INT else None
+
+
+def is_checkpoint_file(name, filename):
+    """Whether `filename` is one of checkpoint `name`'s own data or index
+    files (`<name>.index`, `<name>.data-00000-of-00001`)."""
+    if not isinstance(filename, str) or not filename.startswith(name + "."):
+        return False
+    rest = filename[len(name):]
+    return rest == ".index" or bool(_DATA_RE.match(rest))
+
+
+def check_filename(filename, what="file name"):
+    """Returns `filename` if it is one plain path component, else raises.
+
+    Refuses the empty name, `.`, `..`, separators (`/`, `\\`), NUL and
+    control characters: a name read from a store never leaves its directory
+    or prefix.
+
+    Raises:
+        CorruptCheckpointError: naming the refused `filename`.
+    """
+    if (
+        not isinstance(filename, str)
+        or filename in ("", ".", "..")
+        or len(filename) > 255
+        or any(c in filename for c in "/\\")
+        or any(ord(c) < 32 or ord(c) == 127 for c in filename)
+        or os.path.isabs(filename)
+        or (os.altsep and os.altsep in filename)
+    ):
+        raise CorruptCheckpointError(
+            f"Refusing the {what} {filename!r}: not a plain file name (one "
+            "path component). A checkpoint only names files in its own "
+            "directory."
+        )
+    return filename
+
+
+def check_key(key):
+    """Returns `key`, a relative object key (`a/b`), if each of its
+    `/`-separated parts is a plain file name (see `check_filename`), so it
+    stays under its prefix; else raises `CorruptCheckpointError`."""
+    if not isinstance(key, str):
+        check_filename(key, what="object name")
+    for part in key.split("/"):
+        try:
+            check_filename(part, what="object name")
+        except CorruptCheckpointError:
+            raise CorruptCheckpointError(
+                f"Refusing the object name {key!r}: not a relative name "
+                "under the prefix (empty, `.` or `..` parts, a leading `/`, "
+                "a backslash or a control character)."
+            ) from None
+    return key
+
+
+def confined(directory, filename):
+    """`os.path.join(directory, filename)` for a single-component name.
+
+    Every file operation on a name that came from a store (a manifest, a
+    listing, a `checkpoint` pointer) goes through here, so none can reach
+    outside `directory`.
+
+    Raises:
+        CorruptCheckpointError: `filename` is not one plain path component.
+    """
+    return os.path.join(directory, check_filename(filename))
 
 
 def manifest_name(name):
@@ -44,11 +129,16 @@ def manifest_name(name):
 
 
 def names_from_listing(filenames):
-    """Checkpoint names that have a manifest among `filenames`, oldest first."""
+    """Checkpoint names that have a manifest among `filenames`, oldest first.
+
+    Only top-level names count: `sub/ckpt-1.json` is not a checkpoint of
+    this directory or prefix.
+    """
     names = []
     for filename in filenames:
-        match = _MANIFEST_RE.match(os.path.basename(filename))
-        if match:
+        match = _MANIFEST_RE.match(filename) if isinstance(
+            filename, str) else None
+        if match and step_of(match.group(1)) is not None:
             names.append(match.group(1))
     return sorted(set(names), key=step_of)
 
@@ -81,6 +171,7 @@ def _sha256_hex(path):
 
 
 _ALGORITHMS = {"crc32c": _crc32c_hex, "sha256": _sha256_hex}
+_HEX_LENGTH = {"crc32c": 8, "sha256": 64}
 
 
 def file_checksum(path, algorithm=CHECKSUM):
@@ -134,36 +225,192 @@ class Manifest:
                           default=_json_default)
 
     @classmethod
-    def from_json(cls, text, source="<manifest>"):
+    def from_json(cls, text, source="<manifest>", name=None):
+        """Parses and validates a manifest read from a store.
+
+        Everything read from a store is untrusted: every field is
+        type-checked (see docs/manifest.md) and only a manifest that passes
+        becomes a `Manifest`.
+
+        Args:
+            text: bytes or str, the manifest file's content.
+            source: str, its path or URL, for error messages.
+            name: str or None, the checkpoint its file name says it is
+                (`ckpt-12` for `ckpt-12.json`); the manifest's `name` must
+                match it.
+
+        Raises:
+            InvalidManifestError: (a `CorruptCheckpointError`) the text is
+                not a valid manifest; the message names the field.
+        """
         try:
             data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CorruptCheckpointError(
-                f"Manifest {source} is not valid JSON ({e}). The checkpoint is "
-                "incomplete or damaged; it will not be restored."
+        except (ValueError, TypeError, RecursionError) as e:
+            raise InvalidManifestError(
+                f"Manifest {source} is not valid JSON ({_short(e)}). The "
+                "checkpoint is incomplete or damaged; it will not be restored."
             ) from None
-        if not isinstance(data, dict) or not str(
-            data.get("format", "")
-        ).startswith("keras_ckpt/"):
-            raise CorruptCheckpointError(
-                f"{source} is not a keras_ckpt manifest."
-            )
-        fields = {f.name for f in dataclasses.fields(cls)}
         try:
-            return cls(**{k: v for k, v in data.items() if k in fields})
-        except TypeError as e:
-            raise CorruptCheckpointError(
-                f"Manifest {source} is missing fields: {e}"
+            return cls(**_validated(data, name))
+        except _Invalid as e:
+            raise InvalidManifestError(
+                f"Manifest {source} is invalid: {e}. The checkpoint will not "
+                "be restored."
             ) from None
 
     @classmethod
     def read(cls, path):
+        match = _MANIFEST_RE.match(os.path.basename(path))
         with open(path, "rb") as f:
-            return cls.from_json(f.read(), source=path)
+            return cls.from_json(f.read(), source=path,
+                                 name=match.group(1) if match else None)
 
     @property
     def total_bytes(self):
         return sum(int(entry["size"]) for entry in self.files.values())
+
+
+class _Invalid(Exception):
+    """Why a manifest fails the schema; becomes `InvalidManifestError`."""
+
+
+def _short(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(data, field, required=True):
+    value = data.get(field)
+    if value is None and not required:
+        return 0
+    if not _is_int(value) or not 0 <= value <= MAX_INT:
+        raise _Invalid(
+            f"`{field}` is {_short(value)}, expected a non-negative int")
+    return value
+
+
+def _container(data, field, kind, words):
+    value = data.get(field, kind())
+    if not isinstance(value, kind):
+        raise _Invalid(f"`{field}` is {_short(value)}, expected {words}")
+    return value
+
+
+def _validated(data, expected_name):
+    """The `Manifest` fields of parsed JSON `data`, or raises `_Invalid`."""
+    if not isinstance(data, dict):
+        raise _Invalid(f"the top level is {type(data).__name__}, expected "
+                       "a JSON object")
+    fmt = data.get("format")
+    if not isinstance(fmt, str) or not fmt.startswith("keras_ckpt/"):
+        raise _Invalid(f"`format` is {_short(fmt)}, expected "
+                       f"{MANIFEST_FORMAT!r}: not a keras_ckpt manifest")
+    name = data.get("name")
+    step = step_of(name)
+    if step is None:
+        raise _Invalid(f"`name` is {_short(name)}, expected ckpt-<step>")
+    if expected_name is not None and name != expected_name:
+        raise _Invalid(f"`name` is {name!r} but the file is "
+                       f"{manifest_name(expected_name)}")
+    fields = {"name": name, "format": fmt}
+    for field in ("step", "epoch", "batch"):
+        fields[field] = _count(data, field)
+    if fields["step"] != step:
+        raise _Invalid(f"`step` is {fields['step']}, but the name {name} "
+                       f"says {step}")
+    timestamp = data.get("timestamp")
+    if not _is_number(timestamp) or not 0 <= timestamp <= _MAX_TIMESTAMP:
+        raise _Invalid(f"`timestamp` is {_short(timestamp)}, expected a "
+                       "POSIX time (a finite non-negative number)")
+    fields["timestamp"] = timestamp
+    fields["files"] = _validated_files(data.get("files"), name)
+    metrics = _container(data, "metrics", dict, "an object of numbers")
+    for key, value in metrics.items():
+        if not _is_number(value):
+            raise _Invalid(f"`metrics[{_short(key)}]` is {_short(value)}, "
+                           "expected a number")
+    fields["metrics"] = metrics
+    fields["variables"] = _validated_variables(
+        _container(data, "variables", dict, "an object of variable lists"))
+    fields["state"] = _container(data, "state", dict, "an object")
+    history = _container(data, "history", dict, "an object")
+    epochs, logs = history.get("epochs", []), history.get("logs", {})
+    if (not isinstance(epochs, list) or not all(_is_int(e) for e in epochs)
+            or not isinstance(logs, dict)
+            or not all(isinstance(v, list) for v in logs.values())):
+        raise _Invalid("`history` needs `epochs`, a list of ints, and "
+                       "`logs`, an object of lists")
+    fields["history"] = history
+    metadata = _container(data, "metadata", dict, "an object")
+    for key, kind in (("versions", dict), ("model_config", dict),
+                      ("model_class", str)):
+        if metadata.get(key) is not None and not isinstance(
+                metadata[key], kind):
+            raise _Invalid(f"`metadata.{key}` is {_short(metadata[key])}, "
+                           f"expected {kind.__name__} or null")
+    fields["metadata"] = metadata
+    return fields
+
+
+def _validated_files(files, name):
+    if not isinstance(files, dict) or not files:
+        raise _Invalid(f"`files` is {_short(files)}, expected an object "
+                       "naming the checkpoint's files")
+    for filename, entry in files.items():
+        if not is_checkpoint_file(name, filename):
+            raise _Invalid(
+                f"`files` lists {_short(filename)}, which is not one of "
+                f"{name}'s own files ({name}.index, "
+                f"{name}.data-NNNNN-of-NNNNN)")
+        if not isinstance(entry, dict):
+            raise _Invalid(f"`files[{filename!r}]` is {_short(entry)}, "
+                           "expected an object with size and checksum")
+        size = entry.get("size")
+        if not _is_int(size) or not 0 <= size <= MAX_INT:
+            raise _Invalid(f"`files[{filename!r}].size` is {_short(size)}, "
+                           "expected a non-negative int")
+        sums = [a for a in _ALGORITHMS if a in entry]
+        if not sums:
+            raise _Invalid(f"`files[{filename!r}]` has no checksum "
+                           f"({' or '.join(_ALGORITHMS)})")
+        for algorithm in sums:
+            value = entry[algorithm]
+            if (not isinstance(value, str)
+                    or len(value) != _HEX_LENGTH[algorithm]
+                    or not _HEX_RE.match(value)):
+                raise _Invalid(
+                    f"`files[{filename!r}].{algorithm}` is {_short(value)}, "
+                    f"expected {_HEX_LENGTH[algorithm]} lowercase hex digits")
+    if f"{name}.index" not in files:
+        raise _Invalid(f"`files` lacks {name}.index")
+    return files
+
+
+def _validated_variables(variables):
+    for group, specs in variables.items():
+        if not isinstance(specs, list):
+            raise _Invalid(f"`variables[{_short(group)}]` is {_short(specs)}"
+                           ", expected a list")
+        for spec in specs:
+            if (not isinstance(spec, list) or len(spec) < 3
+                    or not isinstance(spec[0], str)
+                    or not isinstance(spec[1], list)
+                    or not all(_is_int(d) and 0 <= d <= MAX_INT
+                               for d in spec[1])
+                    or not isinstance(spec[2], str)):
+                raise _Invalid(
+                    f"`variables[{_short(group)}]` holds {_short(spec)}, "
+                    "expected [path, shape (list of non-negative ints), "
+                    "dtype]")
+    return variables
 
 
 def _json_default(value):
@@ -181,8 +428,8 @@ def describe_files(directory, filenames):
     """Returns the manifest `files` entry for files in `directory`."""
     return {
         filename: {
-            "size": os.path.getsize(os.path.join(directory, filename)),
-            CHECKSUM: file_checksum(os.path.join(directory, filename)),
+            "size": os.path.getsize(confined(directory, filename)),
+            CHECKSUM: file_checksum(confined(directory, filename)),
         }
         for filename in filenames
     }
@@ -207,13 +454,17 @@ def local_problems(directory, manifest, checksums=False):
     sizes = {}
     for filename in manifest.files:
         try:
-            sizes[filename] = os.path.getsize(os.path.join(directory, filename))
+            sizes[filename] = os.path.getsize(confined(directory, filename))
         except OSError:
             pass
     problems = size_problems(manifest, sizes)
     if checksums and not problems:
         for filename, entry in sorted(manifest.files.items()):
-            problem = checksum_problem(os.path.join(directory, filename), entry)
+            try:
+                problem = checksum_problem(confined(directory, filename),
+                                           entry)
+            except OSError as e:
+                problem = f"cannot be read ({e.strerror or e})"
             if problem:
                 problems.append(f"{filename} {problem}")
     return problems
@@ -235,6 +486,9 @@ class CheckpointInfo:
         complete: whether every file listed in the manifest is present with
             the right size.
         size: total bytes of the checkpoint's files.
+        problems: tuple of str, why the checkpoint is not complete: a file
+            missing or truncated, or the manifest invalid (then `epoch`,
+            `batch`, `timestamp` and `size` are 0). Empty when complete.
     """
 
     name: str
@@ -247,9 +501,11 @@ class CheckpointInfo:
     metrics: dict = dataclasses.field(default_factory=dict)
     complete: bool = True
     size: int = 0
+    problems: tuple = ()
 
     @classmethod
-    def from_manifest(cls, manifest, path=None, url=None, complete=True):
+    def from_manifest(cls, manifest, path=None, url=None, complete=True,
+                      problems=()):
         return cls(
             name=manifest.name,
             step=manifest.step,
@@ -259,9 +515,121 @@ class CheckpointInfo:
             url=url,
             timestamp=manifest.timestamp,
             metrics=dict(manifest.metrics),
-            complete=complete,
+            complete=complete and not problems,
             size=manifest.total_bytes,
+            problems=tuple(problems),
         )
+
+    @classmethod
+    def from_listed(cls, listed, path=None, url=None):
+        """The info of one `Listed` checkpoint, valid or not."""
+        if listed.manifest is not None:
+            return cls.from_manifest(listed.manifest, path=path, url=url,
+                                     problems=listed.problems)
+        return cls(name=listed.name, step=step_of(listed.name), epoch=0,
+                   batch=0, path=path, url=url, complete=False,
+                   problems=tuple(listed.problems))
+
+
+# --- listing: one function for the local directory and every store ---
+
+
+@dataclasses.dataclass(frozen=True)
+class Listed:
+    """One checkpoint found in a listing, valid or not.
+
+    Attributes:
+        name: `ckpt-<N>`, from the manifest's file name.
+        manifest: the validated `Manifest`, or None if it is invalid.
+        problems: tuple of str, why it is not complete (empty if it is).
+    """
+
+    name: str
+    manifest: Any
+    problems: tuple = ()
+
+    @property
+    def complete(self):
+        return self.manifest is not None and not self.problems
+
+    @property
+    def step(self):
+        return step_of(self.name)
+
+
+def list_store(sizes, read_manifest, location):
+    """Lists the checkpoints of a directory or prefix, oldest first.
+
+    The one listing of keras_ckpt: the local directory, every `Uploader`,
+    the CLI and resume all answer through it. Nothing read here raises: a
+    manifest that fails the schema (or a file it lists that is missing or
+    truncated) makes that checkpoint invalid, with its reason, and the
+    others are unaffected.
+
+    Args:
+        sizes: dict, `{filename: size}` of every file at the top level.
+        read_manifest: callable, `read_manifest(filename)` returns the bytes
+            of a manifest file, None if it vanished since the listing, or
+            raises `CorruptCheckpointError` if it cannot be read.
+        location: str, the directory or URL, for messages.
+
+    Returns:
+        A list of `Listed`, oldest first.
+    """
+    listed = []
+    for name in names_from_listing(sizes):
+        filename = manifest_name(name)
+        source = f"{location.rstrip('/')}/{filename}"
+        try:
+            data = read_manifest(filename)
+            if data is None:
+                continue  # deleted since the listing
+            manifest = Manifest.from_json(data, source=source, name=name)
+        except CorruptCheckpointError as e:
+            listed.append(Listed(name, None, (str(e),)))
+            continue
+        listed.append(Listed(name, manifest,
+                             tuple(size_problems(manifest, sizes))))
+    return listed
+
+
+def directory_sizes(directory):
+    """`{filename: size}` of the regular files in `directory` ({} if none)."""
+    sizes = {}
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return sizes
+    for entry in entries:
+        try:
+            if entry.is_file():
+                sizes[entry.name] = entry.stat().st_size
+        except OSError:
+            continue  # vanished or unreadable: not part of a checkpoint
+    return sizes
+
+
+def read_local_manifest(directory, filename):
+    """Bytes of a local manifest file, for `list_store`."""
+    path = confined(directory, filename)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CorruptCheckpointError(
+            f"Cannot read manifest {path}: {e.strerror or e}."
+        ) from None
+
+
+def list_directory(directory):
+    """`list_store()` of a local directory."""
+    return list_store(
+        directory_sizes(directory),
+        lambda filename: read_local_manifest(directory, filename),
+        directory,
+    )
 
 
 # --- the `checkpoint` pointer file (tf.train.CheckpointManager's format) ---
@@ -283,16 +651,25 @@ def format_pointer(names, timestamps=None, last_preserved_timestamp=None):
 
 
 def parse_pointer(text):
-    """Returns (latest_name, all_names) from a `checkpoint` file's text."""
+    """Returns (latest_name, all_names) from a `checkpoint` file's text.
+
+    The file is untrusted: only canonical checkpoint names (`ckpt-<N>`,
+    with or without a directory, as `tf.train.CheckpointManager` may write
+    absolute paths) are returned; any other entry is ignored, so a crafted
+    pointer cannot name a path outside the directory.
+    """
     latest = None
     names = []
     for line in text.splitlines():
         key, _, value = line.partition(":")
         value = value.strip().strip('"')
+        name = value.replace("\\", "/").rpartition("/")[2]
+        if step_of(name) is None:
+            continue
         if key.strip() == "model_checkpoint_path":
-            latest = os.path.basename(value)
+            latest = name
         elif key.strip() == "all_model_checkpoint_paths":
-            names.append(os.path.basename(value))
+            names.append(name)
     return latest, names
 
 
@@ -314,6 +691,15 @@ def atomic_write(path, data):
             pass
         raise
     fsync_dir(os.path.dirname(path) or ".")
+
+
+def fsync_file(path):
+    """Flushes a file's content to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(directory):

@@ -7,6 +7,7 @@ from keras_ckpt import distribute
 from keras_ckpt import manager as manager_lib
 from keras_ckpt import sources
 from keras_ckpt import state as state_lib
+from keras_ckpt.errors import CorruptCheckpointError
 
 
 def list_checkpoints(source):
@@ -18,9 +19,12 @@ def list_checkpoints(source):
             `file:///path`).
 
     Returns:
-        A list of `CheckpointInfo`, oldest first. Complete checkpoints only
-        for local directories; remote listings include incomplete ones with
-        `complete=False` (a partial upload).
+        A list of `CheckpointInfo`, oldest first, for local directories and
+        URLs alike. Checkpoints that cannot be restored are listed too, with
+        `complete=False` and the reason in `problems`: a file missing or
+        truncated (an interrupted save or upload), or an invalid manifest
+        (see the manifest schema in the docs). Listing never raises because
+        of one bad checkpoint.
 
     Example:
 
@@ -33,9 +37,7 @@ def list_checkpoints(source):
         return get_uploader(str(source)).list_checkpoints()
     path = str(source).removeprefix("file://") if isinstance(source, str) else source
     store, _ = sources.local_source(path)
-    return [
-        sources.info(manifest, store) for manifest in store.manifests()
-    ]
+    return store.list_checkpoints()
 
 
 def restore(model, source, checkpoint="latest", optimizer=True, monitor=None,
@@ -53,7 +55,10 @@ def restore(model, source, checkpoint="latest", optimizer=True, monitor=None,
             or a URL of either.
         checkpoint: `"latest"`, `"best"` (needs `monitor`), or a step (int)
             or name (`"ckpt-120"`). Ignored when `source` names a checkpoint.
-            Defaults to `"latest"`.
+            Its files are verified (sizes and CRC32C checksums) first; with
+            `"latest"` or `"best"`, a damaged checkpoint is skipped with one
+            warning naming it and the previous (next best) valid one is
+            restored. Defaults to `"latest"`.
         optimizer: bool, also restore the optimizer's variables (iterations,
             moments, learning rate). Defaults to True.
         monitor: str or None, the metric ranking checkpoints for
@@ -66,7 +71,8 @@ def restore(model, source, checkpoint="latest", optimizer=True, monitor=None,
     Raises:
         CheckpointNotFoundError: no such (complete) checkpoint.
         IncompatibleCheckpointError: it was written by a different model.
-        CorruptCheckpointError: its files are damaged.
+        CorruptCheckpointError: the checkpoint named by step or name is
+            damaged, or every candidate for "latest"/"best" is.
 
     Example:
 
@@ -94,9 +100,15 @@ def restore(model, source, checkpoint="latest", optimizer=True, monitor=None,
             return manifest_info(manifest, f"{base}/{manifest.name}")
     path = str(source).removeprefix("file://") if isinstance(source, str) else source
     store, name = sources.local_source(path)
-    manifest = sources.pick(
-        store.manifests(), name or checkpoint, retention, store.directory
+    manifest = sources.pick_verified(
+        store, store.manifests(), name or checkpoint, retention,
+        store.directory,
     )
+    if manifest is None:
+        raise CorruptCheckpointError(
+            f"Every checkpoint in {store.directory} is damaged; nothing to "
+            "restore. `keras-ckpt verify` names what is wrong with each."
+        )
     _assign(model, manifest, store, optimizer)
     return sources.info(manifest, store)
 
@@ -124,6 +136,7 @@ def _assign(model, manifest, store, optimizer):
         manifest.variables, store.prefix(manifest.name),
         include_optimizer=restore_optimizer,
     )
-    arrays = store.read_arrays(manifest, verify=True)
+    # Verified (checksums) when it was chosen or downloaded.
+    arrays = store.read_arrays(manifest)
     groups = ["model"] + (["optimizer"] if restore_optimizer else [])
     training_state.assign(arrays, groups)

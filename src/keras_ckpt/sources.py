@@ -7,6 +7,7 @@ or mirrored, or the best one, or one named by path/URL.
 
 import dataclasses
 import json
+import logging
 import os
 import platform as python_platform
 import tempfile
@@ -15,7 +16,10 @@ from keras_ckpt import manifest as manifest_lib
 from keras_ckpt.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
+    CorruptCheckpointError,
 )
+
+logger = logging.getLogger("keras_ckpt")
 
 
 @dataclasses.dataclass
@@ -176,16 +180,34 @@ def pick(manifests, which, retention=None, source=""):
 
 
 def fetch_remote(uploader, which, local_dir, retention=None):
-    """Downloads the chosen complete remote checkpoint into `local_dir`."""
+    """Downloads the chosen complete remote checkpoint into `local_dir`.
+
+    The download is verified (sizes and checksums); files already in
+    `local_dir` with the right checksum are reused, so a damaged local copy
+    is repaired. For "latest" and "best", a remote checkpoint that fails
+    verification is skipped with one warning naming it, and the next one is
+    tried.
+
+    Raises:
+        CheckpointNotFoundError: no (valid) checkpoint to fetch.
+        CorruptCheckpointError: the checkpoint `which` names is damaged.
+    """
     from keras_ckpt.manager import LocalCheckpoints
 
-    infos = [i for i in uploader.list_checkpoints() if i.complete]
-    manifests = [uploader.read_manifest(i.name) for i in infos]
-    chosen = pick(manifests, which, retention, source=uploader.url)
+    manifests = [listed.manifest for listed in uploader.listing()
+                 if listed.complete]
     store = LocalCheckpoints(local_dir)
     store.ensure_directory()
-    if store.get(chosen.name) is None:
-        uploader.download_checkpoint(chosen.name, store.directory)
+    while True:
+        chosen = pick(manifests, which, retention, source=uploader.url)
+        try:
+            uploader.download_checkpoint(chosen.name, store.directory)
+            break
+        except CorruptCheckpointError as e:
+            if not _falls_back(which):
+                raise
+            warn_corrupt(f"{uploader.url}/{chosen.name}", e)
+            manifests.remove(chosen)
     manifest = store.get(chosen.name)
     if manifest is None:
         raise CheckpointNotFoundError(
@@ -195,12 +217,61 @@ def fetch_remote(uploader, which, local_dir, retention=None):
     return manifest, store
 
 
+def _falls_back(which):
+    return which in (None, True, "latest", "best")
+
+
+def warn_corrupt(location, reason):
+    """The one warning for a damaged checkpoint skipped by resume/restore."""
+    logger.warning(
+        "keras_ckpt: skipping damaged checkpoint %s (%s); using the previous "
+        "valid one. Run `keras-ckpt verify` on it, then delete it.",
+        location, reason,
+    )
+
+
+def pick_verified(store, manifests, which, retention=None, source="",
+                  damaged=None):
+    """`pick()` among local checkpoints whose files pass their checksums.
+
+    For "latest" and "best" a checkpoint that fails is skipped with one
+    warning (`warn_corrupt`) and the next one is chosen; None when none is
+    left. A checkpoint named by step or name that fails raises. The names
+    of the damaged ones skipped are appended to the list `damaged`.
+
+    Raises:
+        CorruptCheckpointError: the checkpoint named by step/name is damaged.
+    """
+    manifests = list(manifests)
+    while manifests:
+        chosen = pick(manifests, which, retention, source)
+        problems = manifest_lib.local_problems(
+            store.directory, chosen, checksums=True)
+        if not problems:
+            return chosen
+        reason = "; ".join(problems)
+        if not _falls_back(which):
+            raise CorruptCheckpointError(
+                f"Checkpoint {store.prefix(chosen.name)} is damaged: {reason}."
+                " Restore another checkpoint; `keras-ckpt verify` lists the "
+                "intact ones."
+            )
+        warn_corrupt(store.prefix(chosen.name), reason)
+        manifests.remove(chosen)
+        if damaged is not None:
+            damaged.append(chosen.name)
+    return None
+
+
 def find_resume_checkpoint(resume, store, uploader, retention,
                            download_dir=None):
     """Returns (manifest, store, origin) of the checkpoint to resume, or None.
 
     Downloads go to `store` unless `download_dir` is given (a worker that is
-    not the chief must not write to the checkpoint directory).
+    not the chief must not write to the checkpoint directory). What is
+    resumed is verified (sizes and checksums): a damaged newest (or best)
+    checkpoint is skipped with one warning naming it, in favour of the
+    previous valid one.
     """
     if resume is False:
         existing = store.manifests()
@@ -216,27 +287,34 @@ def find_resume_checkpoint(resume, store, uploader, retention,
         which = "best" if resume == "best" else "latest"
         local = store.manifests()
         candidates = []
-        if local:
-            candidates.append(
-                (pick(local, which, retention, store.directory), store,
-                 store.directory)
-            )
+        damaged = []
+        chosen = pick_verified(store, local, which, retention,
+                               store.directory, damaged) if local else None
+        if chosen is not None:
+            candidates.append((chosen, store, store.directory))
         if uploader is not None:
-            remote = [i for i in uploader.list_checkpoints() if i.complete]
-            if remote:
-                remote_manifests = [uploader.read_manifest(i.name) for i in remote]
-                best_remote = pick(remote_manifests, which, retention, uploader.url)
-                local_names = {m.name for m in local}
-                if best_remote.name not in local_names and (
-                    not candidates
-                    or _better(best_remote, candidates[0][0], which, retention)
+            remote = [listed.manifest for listed in uploader.listing()
+                      if listed.complete]
+            intact = {m.name for m in local} - set(damaged)
+            while remote:
+                best_remote = pick(remote, which, retention, uploader.url)
+                if best_remote.name in intact or (
+                    chosen is not None
+                    and not _better(best_remote, chosen, which, retention)
                 ):
+                    break
+                try:
                     manifest, fetched = fetch_remote(
                         uploader, best_remote.name,
                         download_dir or store.directory
                     )
-                    candidates = [
-                        (manifest, fetched, f"{uploader.url}/{manifest.name}")]
+                except CorruptCheckpointError as e:
+                    warn_corrupt(f"{uploader.url}/{best_remote.name}", e)
+                    remote.remove(best_remote)
+                    continue
+                candidates = [
+                    (manifest, fetched, f"{uploader.url}/{manifest.name}")]
+                break
         if not candidates:
             return None
         return candidates[0]
@@ -253,8 +331,14 @@ def find_resume_checkpoint(resume, store, uploader, retention,
         return manifest, branch_store, f"{base}/{manifest.name}"
     path = resume.removeprefix("file://") if isinstance(resume, str) else resume
     branch_store, name = local_source(path)
-    manifest = pick(branch_store.manifests(), name or "latest", retention,
-                    branch_store.directory)
+    manifest = pick_verified(branch_store, branch_store.manifests(),
+                             name or "latest", retention,
+                             branch_store.directory)
+    if manifest is None:
+        raise CorruptCheckpointError(
+            f"Every checkpoint in {branch_store.directory} is damaged; "
+            "nothing to branch from."
+        )
     return manifest, branch_store, branch_store.prefix(manifest.name)
 
 

@@ -238,6 +238,16 @@ class Uploader:
     def _url_of(self, name):
         return f"{self.url}/{name}"
 
+    def _checked(self, name):
+        """`name` if it is a relative name under the prefix (no `..`, no
+        leading `/`, no backslash or control character).
+
+        Every retried file-level operation checks its name here, so a name
+        read from the store (a manifest's file list) never reaches another
+        prefix, or, for `file://`, another directory.
+        """
+        return manifest_lib.check_key(name)
+
     def __repr__(self):
         return f"{type(self).__name__}({self.url!r})"
 
@@ -397,7 +407,7 @@ class Uploader:
         """
         self._retrying(
             "upload", self._url_of(name), self._upload_file, local_path,
-            name, progress,
+            self._checked(name), progress,
         )
 
     def download_file(self, name, local_path, progress=None):
@@ -406,8 +416,8 @@ class Uploader:
         Raises `CheckpointNotFoundError` if `name` does not exist.
         """
         self._retrying(
-            "download", self._url_of(name), self._download_file, name,
-            local_path, progress,
+            "download", self._url_of(name), self._download_file,
+            self._checked(name), local_path, progress,
         )
 
     def list_files(self):
@@ -416,12 +426,13 @@ class Uploader:
 
     def delete_file(self, name):
         """Deletes `name` under the prefix (no error if it is absent)."""
-        self._retrying("delete", self._url_of(name), self._delete, name)
+        self._retrying("delete", self._url_of(name), self._delete,
+                       self._checked(name))
 
     def read_bytes(self, name):
         """Returns the content of the small object `name`, or None."""
         return self._retrying(
-            "read", self._url_of(name), self._read_bytes, name
+            "read", self._url_of(name), self._read_bytes, self._checked(name)
         )
 
     def write_bytes(self, name, data, if_absent=False):
@@ -439,6 +450,7 @@ class Uploader:
         """
         if isinstance(data, str):
             data = data.encode("utf-8")
+        self._checked(name)
         failed = []
 
         def attempt():
@@ -501,7 +513,7 @@ class Uploader:
             raise CheckpointNotFoundError(
                 f"No checkpoint `{name}` at {self.url}: {url} does not exist."
             )
-        return manifest_lib.Manifest.from_json(data, source=url)
+        return manifest_lib.Manifest.from_json(data, source=url, name=name)
 
     def read_pointer(self):
         """Returns `(latest_name, names)` from the remote `checkpoint`
@@ -511,37 +523,28 @@ class Uploader:
             return None, []
         return manifest_lib.parse_pointer(data.decode("utf-8", "replace"))
 
+    def listing(self):
+        """Every checkpoint under the prefix, valid or not, oldest first: a
+        list of `manifest.Listed` (see `manifest.list_store`)."""
+        return manifest_lib.list_store(
+            self.list_files(), self.read_bytes, self.url)
+
     def list_checkpoints(self):
         """Lists the checkpoints that have a manifest, oldest first.
 
         Returns:
             A list of `CheckpointInfo` with `url` set and `path` None;
-            `complete` is False when a file the manifest lists is missing or
-            has the wrong size (or the manifest is unreadable).
+            `complete` is False, with the reason in `problems`, when a file
+            the manifest lists is missing or has the wrong size, or the
+            manifest is invalid (see docs/manifest.md). The local directory
+            (`LocalCheckpoints.list_checkpoints()`) answers in the same
+            shape.
         """
-        listing = self.list_files()
-        infos = []
-        for name in manifest_lib.names_from_listing(listing):
-            url = self._url_of(name)
-            data = self.read_bytes(manifest_lib.manifest_name(name))
-            if data is None:  # deleted since the listing
-                continue
-            try:
-                manifest = manifest_lib.Manifest.from_json(
-                    data, source=f"{url}.json"
-                )
-            except CorruptCheckpointError as e:
-                logger.warning("Listing %s as incomplete: %s", url, e)
-                infos.append(manifest_lib.CheckpointInfo(
-                    name=name, step=manifest_lib.step_of(name), epoch=0,
-                    batch=0, url=url, complete=False,
-                ))
-                continue
-            infos.append(manifest_lib.CheckpointInfo.from_manifest(
-                manifest, url=url,
-                complete=not manifest_lib.size_problems(manifest, listing),
-            ))
-        return infos
+        return [
+            manifest_lib.CheckpointInfo.from_listed(
+                listed, url=self._url_of(listed.name))
+            for listed in self.listing()
+        ]
 
     def latest_complete(self):
         """Returns the name of the newest complete checkpoint, or None."""
@@ -759,7 +762,7 @@ class Uploader:
                 f"{self._url_of(manifest_file)} does not exist."
             )
         manifest = manifest_lib.Manifest.from_json(
-            manifest_bytes, source=self._url_of(manifest_file)
+            manifest_bytes, source=self._url_of(manifest_file), name=name
         )
         os.makedirs(local_dir, exist_ok=True)
         tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -767,10 +770,11 @@ class Uploader:
         try:
             for filename in _in_commit_order(manifest.files):
                 entry = manifest.files[filename]
-                final = os.path.join(local_dir, filename)
+                final = manifest_lib.confined(local_dir, filename)
                 if _local_file_matches(final, entry, verify):
                     continue
-                tmp = os.path.join(local_dir, f".{filename}.part-{tag}")
+                tmp = manifest_lib.confined(
+                    local_dir, f".{filename}.part-{tag}")
                 ready[filename] = tmp
                 try:
                     self.download_file(filename, tmp, progress)
@@ -787,12 +791,14 @@ class Uploader:
                         f" {problem}: checkpoint `{name}` at {self.url} is "
                         "damaged. Restore an earlier checkpoint instead."
                     )
+                # Durable before it is renamed into place, as local saves.
+                manifest_lib.fsync_file(tmp)
             # Un-commit any older local copy before replacing its files.
-            local_manifest = os.path.join(local_dir, manifest_file)
+            local_manifest = manifest_lib.confined(local_dir, manifest_file)
             if os.path.exists(local_manifest):
                 os.remove(local_manifest)
             for filename, tmp in ready.items():
-                os.replace(tmp, os.path.join(local_dir, filename))
+                os.replace(tmp, manifest_lib.confined(local_dir, filename))
             ready.clear()
             manifest_lib.fsync_dir(local_dir)
             manifest_lib.atomic_write(local_manifest, manifest_bytes)
@@ -826,19 +832,15 @@ class Uploader:
         keras_ckpt.get_uploader("s3://my-bucket/run-1").push("./checkpoints")
         ```
         """
-        names = _local_complete_names(local_dir)
-        if not names:
+        manifests = _local_complete(local_dir)
+        if not manifests:
             raise CheckpointNotFoundError(
                 f"No complete checkpoint in {local_dir} to push to {self.url}."
             )
+        names = [m.name for m in manifests]
         for name in names:
             self.upload_checkpoint(local_dir, name, progress)
-        self.commit(names, [
-            manifest_lib.Manifest.read(
-                os.path.join(local_dir, manifest_lib.manifest_name(n))
-            ).timestamp
-            for n in names
-        ])
+        self.commit(names, [m.timestamp for m in manifests])
         return names
 
     def pull(self, local_dir, names=None, verify=True, progress=None):
@@ -865,7 +867,7 @@ class Uploader:
         keras_ckpt.get_uploader("gs://my-bucket/run-1").pull("/tmp/run-1")
         ```
         """
-        complete = [i.name for i in self.list_checkpoints() if i.complete]
+        complete = [i.name for i in self.listing() if i.complete]
         if names is not None:
             names = list(names)
             absent = [n for n in names if n not in complete]
@@ -886,14 +888,14 @@ class Uploader:
         for name in names:
             timestamps.append(self._pull_one(name, local_dir, verify, progress))
         manifest_lib.atomic_write(
-            os.path.join(local_dir, manifest_lib.POINTER_NAME),
+            manifest_lib.confined(local_dir, manifest_lib.POINTER_NAME),
             manifest_lib.format_pointer(names, timestamps),
         )
         return names
 
     def _pull_one(self, name, local_dir, verify, progress):
         manifest_file = manifest_lib.manifest_name(name)
-        local_manifest = os.path.join(local_dir, manifest_file)
+        local_manifest = manifest_lib.confined(local_dir, manifest_file)
         remote_bytes = self.read_bytes(manifest_file)
         if remote_bytes is None:
             raise CheckpointNotFoundError(
@@ -906,7 +908,7 @@ class Uploader:
         except FileNotFoundError:
             same = False
         manifest = manifest_lib.Manifest.from_json(
-            remote_bytes, source=self._url_of(manifest_file)
+            remote_bytes, source=self._url_of(manifest_file), name=name
         )
         if not (same and not manifest_lib.local_problems(local_dir, manifest)):
             self.download_checkpoint(name, local_dir, verify, progress)
@@ -948,27 +950,18 @@ def _local_file_matches(path, entry, verify):
         return False
 
 
-def _local_complete_names(local_dir):
-    """Complete local checkpoints, in the local pointer's order if any."""
+def _local_complete(local_dir):
+    """Manifests of the complete local checkpoints, in the local pointer's
+    order if it names any of them, else oldest first."""
+    complete = {listed.name: listed.manifest
+                for listed in manifest_lib.list_directory(local_dir)
+                if listed.complete}
+    names = list(complete)
     try:
-        filenames = os.listdir(local_dir)
-    except FileNotFoundError:
-        return []
-    names = manifest_lib.names_from_listing(filenames)
-    pointer = os.path.join(local_dir, manifest_lib.POINTER_NAME)
-    if os.path.exists(pointer):
-        with open(pointer, encoding="utf-8") as f:
+        with open(manifest_lib.confined(local_dir, manifest_lib.POINTER_NAME),
+                  encoding="utf-8", errors="replace") as f:
             _, pointer_names = manifest_lib.parse_pointer(f.read())
-        if pointer_names:
-            names = [n for n in pointer_names if n in names]
-    complete = []
-    for name in names:
-        try:
-            manifest = manifest_lib.Manifest.read(
-                os.path.join(local_dir, manifest_lib.manifest_name(name))
-            )
-        except CorruptCheckpointError:
-            continue
-        if not manifest_lib.local_problems(local_dir, manifest):
-            complete.append(name)
-    return complete
+    except OSError:
+        pointer_names = []
+    ordered = [n for n in dict.fromkeys(pointer_names) if n in complete]
+    return [complete[n] for n in (ordered or names)]
