@@ -100,14 +100,15 @@ def restore(model, source, checkpoint="latest", optimizer=True, monitor=None,
             return manifest_info(manifest, f"{base}/{manifest.name}")
     path = str(source).removeprefix("file://") if isinstance(source, str) else source
     store, name = sources.local_source(path)
+    damaged = {}
     manifest = sources.pick_verified(
         store, store.manifests(), name or checkpoint, retention,
-        store.directory,
+        store.directory, damaged,
     )
     if manifest is None:
         raise CorruptCheckpointError(
-            f"Every checkpoint in {store.directory} is damaged; nothing to "
-            "restore. `keras-ckpt verify` names what is wrong with each."
+            f"Every checkpoint in {store.directory} is damaged, nothing to "
+            "restore: " + "; ".join(f"{n}: {r}" for n, r in damaged.items())
         )
     _assign(model, manifest, store, optimizer)
     return sources.info(manifest, store)

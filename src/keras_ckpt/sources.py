@@ -236,8 +236,8 @@ def pick_verified(store, manifests, which, retention=None, source="",
 
     For "latest" and "best" a checkpoint that fails is skipped with one
     warning (`warn_corrupt`) and the next one is chosen; None when none is
-    left. A checkpoint named by step or name that fails raises. The names
-    of the damaged ones skipped are appended to the list `damaged`.
+    left. A checkpoint named by step or name that fails raises. The dict
+    `damaged`, if given, receives `{name: reason}` of those skipped.
 
     Raises:
         CorruptCheckpointError: the checkpoint named by step/name is damaged.
@@ -259,7 +259,7 @@ def pick_verified(store, manifests, which, retention=None, source="",
         warn_corrupt(store.prefix(chosen.name), reason)
         manifests.remove(chosen)
         if damaged is not None:
-            damaged.append(chosen.name)
+            damaged[chosen.name] = reason
     return None
 
 
@@ -287,7 +287,7 @@ def find_resume_checkpoint(resume, store, uploader, retention,
         which = "best" if resume == "best" else "latest"
         local = store.manifests()
         candidates = []
-        damaged = []
+        damaged = {}
         chosen = pick_verified(store, local, which, retention,
                                store.directory, damaged) if local else None
         if chosen is not None:
@@ -331,13 +331,15 @@ def find_resume_checkpoint(resume, store, uploader, retention,
         return manifest, branch_store, f"{base}/{manifest.name}"
     path = resume.removeprefix("file://") if isinstance(resume, str) else resume
     branch_store, name = local_source(path)
+    damaged = {}
     manifest = pick_verified(branch_store, branch_store.manifests(),
                              name or "latest", retention,
-                             branch_store.directory)
+                             branch_store.directory, damaged)
     if manifest is None:
         raise CorruptCheckpointError(
-            f"Every checkpoint in {branch_store.directory} is damaged; "
-            "nothing to branch from."
+            f"Every checkpoint in {branch_store.directory} is damaged, "
+            "nothing to branch from: "
+            + "; ".join(f"{n}: {r}" for n, r in damaged.items())
         )
     return manifest, branch_store, branch_store.prefix(manifest.name)
 
