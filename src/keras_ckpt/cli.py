@@ -708,10 +708,16 @@ def _import_modules(modules):
 def _rebuild(config, location):
     import keras
 
+    # The config comes from a store: never run code it names (Lambda
+    # layers, arbitrary functions). `safe_mode=True` alone is overridden by
+    # a process-wide `keras.config.enable_unsafe_deserialization()`; the
+    # scope is not. Keras >= 3.14 has no known safe_mode bypass.
+    from keras.src.saving.serialization_lib import SafeModeScope
+
     try:
-        # The config comes from a store: never run code it names (lambdas,
-        # arbitrary functions). Keras >= 3.14 has no known safe_mode bypass.
-        return keras.saving.deserialize_keras_object(config, safe_mode=True)
+        with SafeModeScope(True):
+            return keras.saving.deserialize_keras_object(
+                config, safe_mode=True)
     except Exception as e:
         raise KerasCkptError(
             f"Could not rebuild the model from the config stored in "
