@@ -251,6 +251,8 @@ def test_crafted_local_directory_is_contained(tmp_path, capsys, tiny_model):
         call(keras_ckpt.restore, tiny_model, store)
         call(sources.find_resume_checkpoint, True, LocalCheckpoints(store),
              None, RetentionPolicy())
+        run_cli(capsys, "export", store, os.path.join(example, "export"),
+                codes=(1,))
         run_cli(capsys, "prune", store, "--keep", "1")
         assert snapshot(root, {store, mirror, pulled}) == before
         assert os.path.exists(os.path.join(store, "ckpt-5.json")) or (
@@ -263,7 +265,8 @@ def test_crafted_local_directory_is_contained(tmp_path, capsys, tiny_model):
 # --- property tests: each emulated store -------------------------------------
 
 
-def test_crafted_mirror_is_contained(mirror_url, tmp_path, capsys):
+def test_crafted_mirror_is_contained(mirror_url, tmp_path, capsys,
+                                     tiny_model):
     root = str(tmp_path)
     sentinel_tree(root)
     stage = tempfile.mkdtemp(dir=root)
@@ -292,7 +295,8 @@ def test_crafted_mirror_is_contained(mirror_url, tmp_path, capsys):
             uploader._write_bytes("sub/ckpt-9.json", json.dumps(
                 dict(base, name="ckpt-9", step=9)).encode())
         pulled = tempfile.mkdtemp(dir=root)
-        before = snapshot(root, {pulled, mirror_dir})
+        resumed = tempfile.mkdtemp(dir=root)
+        before = snapshot(root, {pulled, resumed, mirror_dir})
 
         infos = keras_ckpt.list_checkpoints(url)
         check_listing(infos)
@@ -307,9 +311,16 @@ def test_crafted_mirror_is_contained(mirror_url, tmp_path, capsys):
         call(uploader.pull, pulled)
         local = keras_ckpt.list_checkpoints(pulled)
         assert all(i.complete for i in local)
+        found = call(sources.find_resume_checkpoint, True,
+                     LocalCheckpoints(resumed), uploader, RetentionPolicy())
+        assert found is None or found[0].name in ("ckpt-5", "ckpt-7")
+        call(keras_ckpt.restore, tiny_model, url)
+        run_cli(capsys, "export", url, os.path.join(resumed, "export"),
+                codes=(1,))
         run_cli(capsys, "prune", url, "--keep", "1")
-        assert snapshot(root, {pulled, mirror_dir}) == before
+        assert snapshot(root, {pulled, resumed, mirror_dir}) == before
         shutil.rmtree(pulled)
+        shutil.rmtree(resumed)
 
     run()
 

@@ -198,7 +198,13 @@ def fetch_remote(uploader, which, local_dir, retention=None):
                  if listed.complete]
     store = LocalCheckpoints(local_dir)
     store.ensure_directory()
+    damaged = []
     while True:
+        if damaged and not manifests:
+            raise CorruptCheckpointError(
+                f"Every checkpoint at {uploader.url} is damaged, nothing to "
+                f"restore: {'; '.join(damaged)}"
+            )
         chosen = pick(manifests, which, retention, source=uploader.url)
         try:
             uploader.download_checkpoint(chosen.name, store.directory)
@@ -208,6 +214,7 @@ def fetch_remote(uploader, which, local_dir, retention=None):
                 raise
             warn_corrupt(f"{uploader.url}/{chosen.name}", e)
             manifests.remove(chosen)
+            damaged.append(str(e))
     manifest = store.get(chosen.name)
     if manifest is None:
         raise CheckpointNotFoundError(
