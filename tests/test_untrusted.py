@@ -43,7 +43,8 @@ settings.register_profile(
 )
 settings.load_profile("untrusted")
 LOCAL_EXAMPLES = 60
-REMOTE_EXAMPLES = 25
+# moto answers S3 requests slowest (about 6 s an example on 2 busy cores).
+REMOTE_EXAMPLES = {"file": 25, "s3": 15, "gs": 25, "az": 25}
 
 VICTIM = "victim.txt"
 VICTIM_BYTES = b"must survive"
@@ -277,7 +278,7 @@ def test_crafted_mirror_is_contained(mirror_url, tmp_path, capsys,
     if mirror_dir:
         os.makedirs(mirror_dir)
 
-    @settings(max_examples=REMOTE_EXAMPLES)
+    @settings(max_examples=REMOTE_EXAMPLES[mirror_url.partition(":")[0]])
     @given(data=st.data())
     def run(data):
         url = f"{mirror_url}/{uuid.uuid4().hex[:8]}"
