@@ -292,6 +292,10 @@ def test_crafted_mirror_is_contained(mirror_url, tmp_path, capsys,
             uploader._write_bytes("checkpoint",
                                   data.draw(crafted_pointer(root)))
         if data.draw(st.booleans()):
+            # Files of no canonical checkpoint, next to those of ckpt-5.
+            for key in ("ckpt-01.index", "ckpt-\u0663.index", "ckpt-3.data"):
+                uploader._write_bytes(key, b"x")
+        if data.draw(st.booleans()):
             # A nested key that looks like a checkpoint of this prefix.
             uploader._write_bytes("sub/ckpt-9.json", json.dumps(
                 dict(base, name="ckpt-9", step=9)).encode())
@@ -307,6 +311,7 @@ def test_crafted_mirror_is_contained(mirror_url, tmp_path, capsys,
             (i.name, i.complete, len(i.problems))
             for i in uploader.list_checkpoints()]
         run_cli(capsys, "ls", url, codes=(0,))
+        run_cli(capsys, "inspect", url + "/ckpt-7")
         run_cli(capsys, "verify", url)
         run_cli(capsys, "pull", url, pulled, "--no-progress")
         call(uploader.pull, pulled)

@@ -29,7 +29,6 @@ import importlib
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 import textwrap
@@ -45,7 +44,7 @@ from keras_ckpt.errors import KerasCkptError
 from keras_ckpt.errors import MissingDependencyError
 
 PROG = "keras-ckpt"
-_FILE_RE = re.compile(r"^(ckpt-\d+)\.")
+_FILE_RE = manifest_lib.FILE_RE
 
 
 class _UsageError(Exception):

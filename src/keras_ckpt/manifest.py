@@ -28,6 +28,9 @@ POINTER_NAME = "checkpoint"
 # whitespace (`\Z`, not `$`, which also matches before a newline).
 _NAME_RE = re.compile(r"ckpt-(0|[1-9][0-9]{0,18})\Z")
 _MANIFEST_RE = re.compile(r"(ckpt-(?:0|[1-9][0-9]{0,18}))\.json\Z")
+#: Matches a file of a checkpoint (`ckpt-12.index`, ...); group 1 is its
+#: canonical name, so names found by it sort by `step_of`.
+FILE_RE = re.compile(r"(ckpt-(?:0|[1-9][0-9]{0,18}))\.")
 _DATA_RE = re.compile(r"\.data-[0-9]{5}-of-[0-9]{5}\Z")
 _HEX_RE = re.compile(r"[0-9a-f]+\Z")
 # Steps, epochs, batches and sizes fit in TensorFlow's int64.

@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import os
 import random
-import re
 import time
 import urllib.parse
 import uuid
@@ -36,7 +35,7 @@ logger = logging.getLogger("keras_ckpt.uploaders")
 
 _KiB = 1024
 _MiB = 1024 * 1024
-_FILE_RE = re.compile(r"^(ckpt-\d+)\.")
+_FILE_RE = manifest_lib.FILE_RE
 
 # What a failure means, as told by `Uploader._error_kind()`.
 TRANSIENT = "transient"  # retry: connection reset, timeout, 5xx, throttling
