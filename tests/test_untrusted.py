@@ -623,3 +623,13 @@ def test_case11_configs_are_rebuilt_in_safe_mode_only(store, capsys,
         global_state.set_global_attribute("safe_mode_saving", original)
     assert "safe_mode" in err or "Lambda" in err
     assert not (tmp_path / "export").exists()
+
+
+def test_case9_resume_refuses_when_every_checkpoint_is_damaged(store):
+    for data in store.glob("*.data-*"):
+        corrupt(data)
+    with pytest.raises(keras_ckpt.CorruptCheckpointError,
+                       match="Every checkpoint .* is damaged.*ckpt-8.*CRC32C"):
+        fit(make_model(), store, epochs=1)
+    with pytest.raises(keras_ckpt.CorruptCheckpointError, match="ckpt-2"):
+        keras_ckpt.restore(make_model(), store)

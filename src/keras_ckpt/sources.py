@@ -322,6 +322,15 @@ def find_resume_checkpoint(resume, store, uploader, retention,
                 candidates = [
                     (manifest, fetched, f"{uploader.url}/{manifest.name}")]
                 break
+        if not candidates and damaged:
+            # Starting over would mix a new run with the damaged one.
+            raise CorruptCheckpointError(
+                f"Every checkpoint in {store.directory} is damaged, nothing "
+                "to resume from: "
+                + "; ".join(f"{n}: {r}" for n, r in damaged.items())
+                + ". Delete them (`keras-ckpt verify` lists them) or choose "
+                "another `directory`."
+            )
         if not candidates:
             return None
         return candidates[0]
