@@ -36,12 +36,14 @@ from keras_ckpt.manager import RetentionPolicy
 
 # Modest example counts keep the file well under three minutes on 2 cores;
 # the remote stores get fewer (every example makes a few dozen requests).
+# A profile (not loaded globally, so other test files keep their own):
+# deterministic examples, no deadline (emulators share 2 cores).
 settings.register_profile(
     "untrusted", deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture,
                            HealthCheck.too_slow],
 )
-settings.load_profile("untrusted")
+UNTRUSTED = settings.get_profile("untrusted")
 LOCAL_EXAMPLES = 60
 # moto answers S3 requests slowest (about 6 s an example on 2 busy cores).
 REMOTE_EXAMPLES = {"file": 25, "s3": 15, "gs": 25, "az": 25}
@@ -221,7 +223,7 @@ def test_crafted_local_directory_is_contained(tmp_path, capsys, tiny_model):
     fake_checkpoint(stage, 5)
     base = fake_checkpoint(stage, 7)
 
-    @settings(max_examples=LOCAL_EXAMPLES)
+    @settings(UNTRUSTED, max_examples=LOCAL_EXAMPLES)
     @given(data=st.data())
     def run(data):
         example = tempfile.mkdtemp(dir=root)
@@ -278,7 +280,8 @@ def test_crafted_mirror_is_contained(mirror_url, tmp_path, capsys,
     if mirror_dir:
         os.makedirs(mirror_dir)
 
-    @settings(max_examples=REMOTE_EXAMPLES[mirror_url.partition(":")[0]])
+    @settings(UNTRUSTED,
+              max_examples=REMOTE_EXAMPLES[mirror_url.partition(":")[0]])
     @given(data=st.data())
     def run(data):
         url = f"{mirror_url}/{uuid.uuid4().hex[:8]}"
@@ -332,7 +335,7 @@ def test_crafted_mirror_is_contained(mirror_url, tmp_path, capsys,
 
 
 @given(text=st.one_of(st.binary(max_size=200), st.text(max_size=200)))
-@settings(max_examples=300)
+@settings(UNTRUSTED, max_examples=300)
 def test_from_json_raises_only_corrupt_checkpoint_error(text):
     try:
         manifest = manifest_lib.Manifest.from_json(text, name="ckpt-7")
@@ -342,7 +345,7 @@ def test_from_json_raises_only_corrupt_checkpoint_error(text):
 
 
 @given(name=st.one_of(st.text(max_size=30), st.none(), st.integers()))
-@settings(max_examples=300)
+@settings(UNTRUSTED, max_examples=300)
 def test_confined_never_leaves_the_directory(name):
     directory = os.path.join(os.sep, "store", "dir")
     try:
