@@ -636,3 +636,32 @@ def test_case9_resume_refuses_when_every_checkpoint_is_damaged(store):
         fit(make_model(), store, epochs=1)
     with pytest.raises(keras_ckpt.CorruptCheckpointError, match="ckpt-2"):
         keras_ckpt.restore(make_model(), store)
+
+
+def test_uploader_file_operations_stay_under_the_prefix(mirror_url,
+                                                        tmp_path):
+    root = str(tmp_path)
+    sentinel_tree(root)
+    if mirror_url.startswith("file://"):
+        os.makedirs(mirror_url.removeprefix("file://"))
+    uploader = keras_ckpt.get_uploader(mirror_url + "/run")
+    local = tmp_path / "local.bin"
+    local.write_bytes(b"payload")
+    before = snapshot(root, {str(tmp_path / "mirror"), str(local)})
+    keys = ["..", "../" + VICTIM, "../../" + VICTIM, "a/../../" + VICTIM,
+            "/" + VICTIM, os.path.join(root, VICTIM), "a//b", "a/./b",
+            "..\\" + VICTIM, "ckpt-1.index\x00", "", "/"]
+    for key in keys:
+        for op in (lambda: uploader.read_bytes(key),
+                   lambda: uploader.write_bytes(key, b"attacker"),
+                   lambda: uploader.upload_file(str(local), key),
+                   lambda: uploader.download_file(key, str(tmp_path / "d")),
+                   lambda: uploader.delete_file(key)):
+            with pytest.raises(keras_ckpt.CorruptCheckpointError,
+                               match="Refusing the object name"):
+                op()
+    assert snapshot(root, {str(tmp_path / "mirror"), str(local)}) == before
+    assert not (tmp_path / "d").exists()
+    # Ordinary nested names (a SavedModel export) still work.
+    uploader.write_bytes("1/variables/variables.index", b"ok")
+    assert uploader.read_bytes("1/variables/variables.index") == b"ok"
