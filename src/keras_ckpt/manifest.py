@@ -4,7 +4,14 @@ A checkpoint `ckpt-<N>` is the TensorFlow pair `ckpt-<N>.data-00000-of-00001`
 and `ckpt-<N>.index` plus the manifest `ckpt-<N>.json`, the commit record:
 it lists every file with its size and CRC32C checksum, the training position, the
 metrics at save time and metadata. A checkpoint is *complete* iff its manifest
-exists and every file it lists exists with the listed size.
+exists, passes the schema (`Manifest.from_json`, docs/manifest.md) and every
+file it lists exists with the listed size; a manifest that fails the schema
+makes its checkpoint *invalid*.
+
+Everything read from a store is untrusted. This module is the one place that
+validates it, without TensorFlow: `list_store()` lists any directory or
+prefix, `confined()` / `check_key()` keep every name inside it, and
+`parse_pointer()` keeps only checkpoint names.
 
 The `checkpoint` pointer file keeps `tf.train.CheckpointManager`'s text format
 (relative paths), so `tf.train.latest_checkpoint()` and
