@@ -39,3 +39,11 @@ class MissingDependencyError(KerasCkptError, ImportError):
 
 class ExportExistsError(KerasCkptError, FileExistsError):
     """The export destination already holds a model; pass `overwrite=True`."""
+
+
+class ConcurrentWriterError(CheckpointWriteError):
+    """Another job took over the checkpoint directory or mirror prefix.
+
+    One writer at a time: the job that started later wins, and the earlier
+    one stops at its next save with this error, naming the other writer.
+    """
