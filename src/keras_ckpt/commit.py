@@ -92,7 +92,7 @@ class Committer:
             and whether the mirror has it.
         """
         self._confirm_local()
-        remote = self._remote_manifests()
+        remote, mirror_error = self._remote_manifests()
         taken = {m.name for m in remote} | set(self.store.names())
         number = max([int(step)] + [manifest_lib.step_of(n) + 1 for n in taken])
         manifest = self.store.write(
@@ -114,18 +114,28 @@ class Committer:
                          key=lambda m: manifest_lib.step_of(m.name))
         keep = self.policy.select(ordered)
         kept_local = self.store.retain(self.policy, keep=keep)
+        if mirror_error is not None:
+            # Raised only now: the checkpoint is committed locally first.
+            self._mirror_failed(mirror_error)
+            self.unmirrored.append(manifest.name)
+            return manifest, False
         mirrored = self._mirror(manifest, keep, ordered, kept_local)
         return manifest, mirrored
 
     def _remote_manifests(self):
-        """The mirror's complete checkpoints, [] without a reachable one."""
+        """`(complete manifests, error)` of the mirror: ([], None) without
+        one or while it is down, ([], StorageError) if it just failed.
+
+        Also confirms the mirror's writer lease: a job that was taken over
+        stops before it writes anything.
+        """
         if self.uploader is None or not self._mirror_usable():
-            return []
+            return [], None
         try:
-            return self.uploader.complete_manifests()
+            self._confirm_mirror()
+            return self.uploader.complete_manifests(), None
         except StorageError as e:
-            self._mirror_failed(e)
-            return []
+            return [], e
 
     def _mirror_usable(self):
         if self._down_since is None:
