@@ -93,6 +93,11 @@ class Committer:
         """
         self._confirm_local()
         remote, mirror_error = self._remote_manifests()
+        # None: no mirror, or one still down (what it holds is unknown, so
+        # it is left alone until a save finds it answering).
+        remote_names = (None if remote is None
+                        else {m.name for m in remote})
+        remote = remote or []
         taken = {m.name for m in remote} | set(self.store.names())
         number = max([int(step)] + [manifest_lib.step_of(n) + 1 for n in taken])
         manifest = self.store.write(
@@ -119,43 +124,38 @@ class Committer:
             self._mirror_failed(mirror_error)
             self.unmirrored.append(manifest.name)
             return manifest, False
-        mirrored = self._mirror(manifest, keep, ordered, kept_local)
+        if remote_names is None:
+            if self.uploader is not None:
+                self.unmirrored.append(manifest.name)
+            return manifest, False
+        mirrored = self._mirror(manifest, keep, ordered, kept_local,
+                                remote_names)
         return manifest, mirrored
 
     def _remote_manifests(self):
-        """`(complete manifests, error)` of the mirror: ([], None) without
-        one or while it is down, ([], StorageError) if it just failed.
+        """`(complete manifests, error)` of the mirror: (None, None) without
+        one or while it is down, (None, StorageError) if it just failed.
 
         Also confirms the mirror's writer lease: a job that was taken over
         stops before it writes anything.
         """
         if self.uploader is None or not self._mirror_usable():
-            return [], None
+            return None, None
         try:
             self._confirm_mirror()
             return self.uploader.complete_manifests(), None
         except StorageError as e:
-            return [], e
+            return None, e
 
     def _mirror_usable(self):
         if self._down_since is None:
             return True
-        try:
-            self.uploader.check()  # fast: short timeout, at most one retry
-        except StorageError:
-            return False
-        return True
+        return self.uploader.reachable()
 
-    def _mirror(self, manifest, keep, ordered, kept_local):
-        if self.uploader is None:
-            return False
-        if self._down_since is not None and not self._mirror_usable():
-            self.unmirrored.append(manifest.name)
-            return False
+    def _mirror(self, manifest, keep, ordered, kept_local, remote):
         local_names = {m.name for m in kept_local}
         try:
             self._confirm_mirror()
-            remote = {m.name for m in self.uploader.complete_manifests()}
             names = [m.name for m in ordered if m.name in keep
                      and (m.name in remote or m.name in local_names)]
             stamps = [m.timestamp for m in ordered if m.name in names]

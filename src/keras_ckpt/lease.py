@@ -26,10 +26,12 @@ import time
 import uuid
 
 from keras_ckpt.errors import ConcurrentWriterError
+from keras_ckpt.errors import StorageError
 
 logger = logging.getLogger("keras_ckpt")
 
 LEASE_NAME = ".keras_ckpt-writer.json"
+_ATTEMPTS = 20
 
 
 def describe_job():
@@ -78,7 +80,7 @@ class Lease:
         """Takes the lease over (the later job wins); returns the previous
         holder (a dict) or None."""
         data = json.dumps(self.job, sort_keys=True).encode("utf-8")
-        while True:
+        for _ in range(_ATTEMPTS):
             try:
                 current, version = self.store.read_versioned(LEASE_NAME)
             except NotImplementedError:
@@ -103,6 +105,11 @@ class Lease:
                     )
                 return holder
             # Someone else wrote it between our read and our write: look again.
+        raise StorageError(
+            f"Could not take over the writer lease {self.where}/{LEASE_NAME}: "
+            f"it changed under every one of {_ATTEMPTS} conditional writes. "
+            "Is another job restarting in a loop on the same place?"
+        )
 
     def confirm(self):
         """Raises `ConcurrentWriterError` unless this job still holds the

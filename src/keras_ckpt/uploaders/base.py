@@ -563,6 +563,18 @@ class Uploader:
             self.write_bytes(name, b"")
             self.delete_file(name)
 
+    def reachable(self):
+        """Whether the store answers one cheap request now: no retry, no log.
+
+        What a training run that goes on during a mirror outage asks at each
+        save before trying the mirror again.
+        """
+        try:
+            self._probe()
+        except Exception:
+            return False
+        return True
+
     def read_manifest(self, name):
         """Returns the remote `Manifest` of checkpoint `name`.
 
