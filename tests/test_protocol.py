@@ -109,6 +109,15 @@ def test_fresh_machine_keeps_the_mirrors_best(mirror_url, tmp_path):
     assert best.restored.name == "ckpt-6" and best.restored.step == 6
 
 
+def test_fresh_machine_keeps_the_mirrors_archives(file_url, tmp_path):
+    # keep_every_n_hours keeps the first checkpoint of each window: ckpt-6.
+    args = dict(max_to_keep=1, keep_every_n_hours=1.0)
+    fit(checkpoint(tmp_path / "vm1", file_url, **args), epochs=2)
+    assert complete_on(file_url) == ["ckpt-6", "ckpt-12"]
+    fit(checkpoint(tmp_path / "vm2", file_url, **args), epochs=4)
+    assert complete_on(file_url) == ["ckpt-6", "ckpt-24"]
+
+
 # --- case 6: a mirror that heals ----------------------------------------------
 
 
