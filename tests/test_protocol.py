@@ -7,6 +7,7 @@ outages are a choice), each against the real emulators.
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -360,4 +361,5 @@ def test_burst_of_5xx_is_retried(proxied_mirror, tmp_path, caplog):
     store.write_bytes("probe", b"y")
     assert proxy.replies == 3
     assert store.read_bytes("probe") == b"y"
-    assert "succeeded after 3 retries" in caplog.text
+    # (The GCS SDK may send a request of its own into the burst.)
+    assert re.search(r"probe succeeded after [1-3] retries", caplog.text)

@@ -109,8 +109,10 @@ class Committer:
             self._confirm_local()
         except Exception:
             # Taken over while writing: this checkpoint must not become the
-            # other job's latest.
-            self.store.delete(manifest.name)
+            # other job's latest. Deleted only while it is still ours (the
+            # other job may have committed one of the same name since).
+            if self.store.get(manifest.name) == manifest:
+                self.store.delete(manifest.name)
             raise
         local = self.store.manifests()
         union = {m.name: m for m in remote}
