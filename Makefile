@@ -10,7 +10,7 @@ AZURITE_DIR := .tools/azurite-npm
 AZURITE := $(AZURITE_DIR)/node_modules/.bin/azurite-blob
 AZURITE_VERSION ?= 3.35.0
 
-.PHONY: demo test test-fast bench docs clean
+.PHONY: demo test test-fast test-long bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: $(VENV)/.installed-test $(AZURITE)
 # Everything but the slow end-to-end tests; `make test` runs them all.
 test-fast: $(VENV)/.installed-test $(AZURITE)
 	KERAS_CKPT_AZURITE=$(abspath $(AZURITE)) $(BIN)/python -m pytest tests -m "not slow"
+
+# The whole fault matrix (tests/test_fault_matrix.py): every step of the commit
+# protocol and every network fault on every store; `make test` runs a few cells.
+test-long: $(VENV)/.installed-test $(AZURITE)
+	KERAS_CKPT_FULL_MATRIX=1 KERAS_CKPT_AZURITE=$(abspath $(AZURITE)) $(BIN)/python -m pytest tests/test_fault_matrix.py
 
 bench: $(VENV)/.installed-test $(AZURITE)
 	$(BIN)/python benchmarks/run.py

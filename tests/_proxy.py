@@ -9,6 +9,7 @@ armed.
     proxy.start()
     proxy.reset_next(2)      # the next 2 requests see a TCP reset
     proxy.stall_next(1)      # the next request never gets an answer
+    proxy.reply_next(5, 503) # the next 5 requests get "503 Slow Down"
     proxy.fail_after(10**6)  # after 1 MB more, reset everything until heal()
     proxy.heal()
     proxy.stop()
@@ -42,6 +43,7 @@ class FaultProxy:
         self._broken = False
         self.resets = 0
         self.stalls = 0
+        self.replies = 0
         self.port = None
 
     @property
@@ -61,6 +63,13 @@ class FaultProxy:
         `match`, if given) and never answers them."""
         with self._lock:
             self._faults.append(["stall", n, match])
+
+    def reply_next(self, n, status=503, match=None):
+        """Answers each of the next `n` requests (whose first bytes contain
+        `match`, if given) with an empty HTTP `status` reply instead of
+        forwarding it: a burst of 5xx errors or throttling."""
+        with self._lock:
+            self._faults.append([f"reply {status}", n, match])
 
     def fail_after(self, nbytes):
         """Forwards `nbytes` more client bytes, then resets every connection,
@@ -155,6 +164,15 @@ class FaultProxy:
                         self.resets += 1
                     reset = True
                     break
+                if action.startswith("reply"):
+                    status = int(action.split()[1])
+                    with self._lock:
+                        self.replies += 1
+                    pair.stalled = True  # swallow the rest of the request
+                    pair.client.sendall(
+                        f"HTTP/1.1 {status} Slow Down\r\nContent-Length: 0"
+                        f"\r\nConnection: close\r\n\r\n".encode())
+                    continue
                 if action == "stall":
                     with self._lock:
                         self.stalls += 1

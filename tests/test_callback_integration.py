@@ -63,6 +63,7 @@ def test_persistent_mirror_failure_surfaces_with_url_and_cause(
                 proxy.fail_after(0)  # every later request is reset
 
     ckpt = keras_ckpt.Checkpoint(directory=local, mirror=uploader,
+                                 on_mirror_error="raise",
                                  **ckpt_args(async_save=True))
     with pytest.raises(keras_ckpt.StorageError) as error:
         fit(make_model(), ckpt, epochs=3, extra=[BreakNetwork()])

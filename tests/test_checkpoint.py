@@ -50,10 +50,13 @@ def ckpt_args(**kwargs):
 
 
 def dir_state(path):
-    """{filename: (size, mtime_ns)} of every file below `path`."""
+    """{filename: (size, mtime_ns)} of every file below `path` but the
+    writer lease, which every job that starts takes over."""
     state = {}
     for root, _, files in os.walk(path):
         for f in files:
+            if f == ".keras_ckpt-writer.json":
+                continue
             st = os.stat(os.path.join(root, f))
             state[os.path.relpath(os.path.join(root, f), path)] = (
                 st.st_size, st.st_mtime_ns)

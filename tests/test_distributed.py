@@ -321,8 +321,8 @@ def test_multiworker_resume_through_file_mirror_on_fresh_machines(tmp_path,
     # Only the chief's uploads: the mirror holds exactly its checkpoints.
     assert_only_chief_uploaded(uploads)
     assert checkpoint_names(mirror) == checkpoint_names(dirs[0])
-    assert sorted(os.listdir(mirror)) == sorted(
-        n for n in os.listdir(dirs[0]) if not n.startswith("."))
+    assert sorted(n for n in os.listdir(mirror) if not n.startswith(".")) == (
+        sorted(n for n in os.listdir(dirs[0]) if not n.startswith(".")))
 
 
 @pytest.mark.slow

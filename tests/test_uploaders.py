@@ -234,9 +234,13 @@ def test_incomplete_checkpoints_are_never_latest(mirror_url, local_ckpts,
     assert infos == {"ckpt-1": True, "ckpt-2": False}
     assert uploader.latest_complete() == "ckpt-1"
 
+    # The pointer names only what is complete there: never the broken one,
+    # and one broken checkpoint never blocks the pointer.
     with pytest.raises(StorageError, match="ckpt-2"):
-        uploader.commit(["ckpt-1", "ckpt-2"])
+        uploader.commit(["ckpt-2"])
     assert uploader.read_pointer() == (None, [])
+    assert uploader.commit(["ckpt-1", "ckpt-2"]) == ["ckpt-1"]
+    assert uploader.read_pointer() == ("ckpt-1", ["ckpt-1"])
     target = tmp_path / "restore"
     with pytest.raises(CorruptCheckpointError, match=data_file("ckpt-2")):
         uploader.download_checkpoint("ckpt-2", str(target))

@@ -47,3 +47,11 @@ class InvalidManifestError(CorruptCheckpointError):
     The checkpoint it describes is *invalid*: listed with this reason,
     skipped by resume, retention, `restore()` and export.
     """
+
+
+class ConcurrentWriterError(CheckpointWriteError):
+    """Another job took over the checkpoint directory or mirror prefix.
+
+    One writer at a time: the job that started later wins, and the earlier
+    one stops at its next save with this error, naming the other writer.
+    """

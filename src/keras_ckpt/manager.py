@@ -181,6 +181,11 @@ class LocalCheckpoints:
             self.prefix(name), "; ".join(problems),
         )
 
+    def names(self):
+        """Names of every checkpoint with a manifest, complete or not,
+        oldest first."""
+        return manifest_lib.names_from_listing(self._listing())
+
     def get(self, name):
         for manifest in self.manifests():
             if manifest.name == name:
@@ -226,17 +231,20 @@ class LocalCheckpoints:
             ) from e
 
     def write(self, snapshot, *, step, epoch, batch, metrics=None,
-              history=None, metadata=None):
-        """Writes and commits checkpoint `ckpt-<step>`; returns its Manifest.
+              history=None, metadata=None, name=None):
+        """Writes and commits checkpoint `name`; returns its Manifest.
+
+        `name` defaults to `ckpt-<step>`; a run that branched from an older
+        checkpoint numbers its checkpoints after the newer ones already
+        there (see `commit.Committer`), so `name` and `step` can differ.
 
         On any failure the partial files of this checkpoint are removed and
         `CheckpointWriteError` is raised; earlier checkpoints are untouched.
         """
-        name = manifest_lib.checkpoint_name(step)
+        name = name or manifest_lib.checkpoint_name(step)
         self.ensure_directory()
-        # Leftovers of an earlier crashed save, or a checkpoint of an
-        # abandoned timeline (resume="best" continues from an older step):
-        # manifest first, so it is never seen complete with the new files.
+        # Leftovers of an earlier crashed save: manifest first, so it is
+        # never seen complete with the new files.
         self.delete(name)
         try:
             trackables = {
@@ -299,7 +307,7 @@ class LocalCheckpoints:
                 f"{_describe_error(e)}. Earlier checkpoints are intact."
             ) from e
 
-    def retain(self, policy):
+    def retain(self, policy, keep=None):
         """Deletes checkpoints outside `policy`; returns the kept manifests.
 
         Runs only after a new checkpoint committed, so the checkpoint a run
@@ -307,15 +315,22 @@ class LocalCheckpoints:
 
         Also removes files of checkpoints that never committed (no manifest)
         and are older than the newest committed one.
+
+        Args:
+            policy: `RetentionPolicy`.
+            keep: set of names or None: what to keep, when decided over more
+                than this directory (the union with the mirror's
+                checkpoints); None applies `policy` to this directory.
         """
         manifests = self.manifests()
-        keep = policy.select(manifests)
+        if keep is None:
+            keep = policy.select(manifests)
         kept = [m for m in manifests if m.name in keep]
         self.write_pointer(kept)
         for m in manifests:
             if m.name not in keep:
                 self.delete(m.name)
-        newest = manifests[-1].step if manifests else -1
+        newest = manifest_lib.step_of(manifests[-1].name) if manifests else -1
         committed = {m.name for m in manifests}
         for filename in self._listing():
             base = filename.split(".", 1)[0].split("_temp", 1)[0]

@@ -362,6 +362,9 @@ def find_resume_checkpoint(resume, store, uploader, retention,
 
 def _better(candidate, current, which, retention):
     if which == "latest":
-        return candidate.step > current.step
+        # Checkpoint numbers follow commit order, also across a branch
+        # (whose checkpoints are numbered after those it left behind).
+        return (manifest_lib.step_of(candidate.name)
+                > manifest_lib.step_of(current.name))
     ranked = retention.best([candidate, current])
     return bool(ranked) and ranked[0] is candidate

@@ -1,17 +1,21 @@
 """`keras_ckpt.Checkpoint`: save everything, resume exactly."""
 
+import logging
 import os
 import sys
 import time
 
 from keras.src.utils import io_utils
 
+from keras_ckpt import commit as commit_lib
 from keras_ckpt import distribute
 from keras_ckpt import manager as manager_lib
+from keras_ckpt import manifest as manifest_lib
 from keras_ckpt import sources
 from keras_ckpt import state as state_lib
 from keras_ckpt import writer as writer_lib
-from keras_ckpt.errors import IncompatibleCheckpointError
+
+logger = logging.getLogger("keras_ckpt")
 
 _RESUME_WORDS = (True, False, "latest", "best")
 _PREEMPTION = ("exit", "stop", None)
@@ -87,6 +91,20 @@ class Checkpoint(distribute.Callback):
             notices. Defaults to None.
         preemption_poll_interval: float, seconds between two polls of the
             metadata servers in `preemption_watch`. Defaults to 5.
+        on_mirror_error: `"continue"` or `"raise"`: what a save does when the
+            mirror still fails after its retries (an outage, lost network).
+            `"continue"` (the default) keeps training with checkpoints in
+            `directory` only and retries the mirror at every save; once it
+            answers, the next save uploads every kept checkpoint it lacks.
+            `"raise"` stops training with the `StorageError`. The default
+            favours the run: a wrong bucket or credentials already fail
+            before the first batch (the mirror is checked when `fit()`
+            starts), so a later failure is an outage, and stopping would
+            throw away the training done while it lasts; but a machine lost
+            during the outage resumes from the mirror's last checkpoint, so
+            choose `"raise"` where the local disk does not survive the job.
+            Either way one log line says what is retried and for how long,
+            and another when the mirror answers again.
         verbose: 0 or 1 (2, True and False are accepted as in Keras). Log
             each save and what a resume restored. Defaults to 1.
 
@@ -122,6 +140,7 @@ class Checkpoint(distribute.Callback):
         preemption_grace_seconds=25.0,
         preemption_watch=None,
         preemption_poll_interval=5.0,
+        on_mirror_error="continue",
         verbose=1,
     ):
         super().__init__()
@@ -166,6 +185,9 @@ class Checkpoint(distribute.Callback):
             from keras_ckpt.preemption import validate_watch
 
             validate_watch(preemption_watch, "preemption_watch")
+        if on_mirror_error not in commit_lib.ON_MIRROR_ERROR:
+            _invalid("on_mirror_error", on_mirror_error,
+                     '"continue" or "raise"')
         if verbose not in (0, 1, 2, True, False):
             _invalid("verbose", verbose, "0 or 1")
         if not isinstance(async_save, bool):
@@ -198,7 +220,10 @@ class Checkpoint(distribute.Callback):
         self.preemption_poll_interval = preemption_poll_interval
         self.verbose = int(verbose)
         self._entries = state_lib.parse_state_argument(state)
+        self.on_mirror_error = on_mirror_error
         self._store = manager_lib.LocalCheckpoints(self.directory)
+        self._committer = commit_lib.Committer(
+            self._store, self.uploader, self.retention, on_mirror_error)
         self._writer = writer_lib.BackgroundWriter()
         self._cluster = distribute.Cluster(self.platform)
         self._patched = {}
@@ -257,6 +282,7 @@ class Checkpoint(distribute.Callback):
             self.uploader.check()
         if self._cluster.writes:
             self._store.ensure_directory()
+            self._committer.begin()
         self._log_platform()
         self._restore_at_start()
         self._install_preemption()
@@ -350,6 +376,14 @@ class Checkpoint(distribute.Callback):
             if self._step != self._saved_step:
                 self._save(final_logs, when_busy="wait")
         self._writer.wait_until_finished(self.flush_timeout)
+        if self._committer.unmirrored:
+            logger.warning(
+                "keras_ckpt: the mirror %s lacks %s, saved while it failed. "
+                "Run `keras-ckpt push %s %s` once it answers, or let the next"
+                " run with this mirror upload them.", self.uploader.url,
+                ", ".join(self._committer.unmirrored), self.directory,
+                self.uploader.url,
+            )
 
     # ------------------------------------------------------------------
     # Saving
@@ -391,18 +425,13 @@ class Checkpoint(distribute.Callback):
 
         def job():
             start = time.perf_counter()
-            manifest = self._store.write(
+            manifest, mirrored = self._committer.save(
                 snapshot, metrics=logs, history=history, metadata=metadata,
                 **position,
             )
-            kept = self._store.retain(self.retention)
             self.last_saved = manifest
-            if self.uploader is not None:
-                self.uploader.mirror(
-                    self.directory, manifest.name, [m.name for m in kept]
-                )
             if self.verbose:
-                where = f" and {self.uploader.url}" if self.uploader else ""
+                where = f" and {self.uploader.url}" if mirrored else ""
                 io_utils.print_msg(
                     f"\nkeras_ckpt: saved {manifest.name} (epoch "
                     f"{manifest.epoch}, batch {manifest.batch}, "
@@ -487,13 +516,21 @@ class Checkpoint(distribute.Callback):
             )
 
     def _check_no_newer(self, manifest):
-        """Branching must not mix with a newer run already in `directory`."""
-        newer = [m for m in self._store.manifests() if m.step > manifest.step]
-        if newer and self.resume not in (True, "latest", "best"):
-            raise IncompatibleCheckpointError(
-                f"{self.directory} already holds checkpoints newer than the "
-                f"one you resume from ({newer[-1].name} > {manifest.name}). "
-                "Use another `directory` for the branched run."
+        """Says so when a branch leaves newer checkpoints behind.
+
+        They are kept (retention treats them as older commits) but are no
+        longer the latest: this run's checkpoints are numbered after them.
+        """
+        order = manifest_lib.step_of
+        newer = [m.name for m in self._store.manifests()
+                 if order(m.name) > order(manifest.name)]
+        if newer and self.verbose and self._cluster.writes:
+            io_utils.print_msg(
+                f"keras_ckpt: branching from {manifest.name} (step "
+                f"{manifest.step}); {self.directory} holds later checkpoints "
+                f"({', '.join(newer)}) of the run this one replaces: they "
+                "stay as retention allows but are no longer the latest, and "
+                f"this run's checkpoints are numbered after {newer[-1]}."
             )
 
     def _install_skip(self, n_batches):

@@ -4,6 +4,7 @@ import os
 import threading
 
 import azure.core.exceptions as azure_exceptions
+from azure.core import MatchConditions
 from azure.storage.blob import BlobServiceClient
 
 from keras_ckpt.errors import MissingDependencyError
@@ -141,6 +142,30 @@ class AzureUploader(base.Uploader):
             if if_absent:
                 return False
             raise
+        return True
+
+    def _read_versioned(self, name):
+        try:
+            downloader = self._container().download_blob(self._key(name))
+        except azure_exceptions.ResourceNotFoundError as e:
+            if _code(e) == "BlobNotFound":
+                return None, None
+            raise
+        return downloader.readall(), downloader.properties.etag
+
+    def _write_if(self, name, data, version):
+        # ETag preconditions: If-None-Match: * creates, If-Match replaces
+        # only the version that was read.
+        if version is None:
+            return self._write_bytes(name, data, if_absent=True)
+        try:
+            self._container().upload_blob(
+                self._key(name), data, overwrite=True, etag=version,
+                match_condition=MatchConditions.IfNotModified,
+            )
+        except (azure_exceptions.ResourceModifiedError,
+                azure_exceptions.ResourceNotFoundError):
+            return False
         return True
 
     def _probe(self):

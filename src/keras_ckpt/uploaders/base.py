@@ -205,6 +205,7 @@ class Uploader:
         elif not isinstance(options, UploaderOptions):
             _invalid("options", options, "an UploaderOptions instance or None")
         self.options = options
+        self._manifests = {}  # name -> (manifest size, Manifest)
         self.scheme, self.bucket, self.prefix = self._parse_url(url)
         self.url = self._format_url()
 
@@ -285,6 +286,19 @@ class Uploader:
         returns False if it existed; returns True otherwise."""
         raise NotImplementedError
 
+    def _read_versioned(self, name):
+        """Returns `(data, version)` of small object `name`, or
+        `(None, None)` if absent. `version` is what the store compares in a
+        conditional write: an S3 ETag, a GCS generation, an Azure ETag, a
+        digest of a local file."""
+        raise NotImplementedError
+
+    def _write_if(self, name, data, version):
+        """Writes small object `name` only if its version is still
+        `version` (None: only if `name` does not exist), in one atomic
+        request. Returns False if the precondition failed."""
+        raise NotImplementedError
+
     def _probe(self):
         """Cheaply proves the bucket exists and the credentials can list it,
         within `self.options.check_timeout` and without SDK retries."""
@@ -356,9 +370,17 @@ class Uploader:
         operation in the error raised when it finally fails.
         """
         attempts = 1 + (self.options.retries if retries is None else retries)
+        started = None
         for attempt in range(attempts):
             try:
-                return fn(*args)
+                result = fn(*args)
+                if started is not None:
+                    logger.warning(
+                        "keras_ckpt: %s %s succeeded after %d retries (%.1f s)"
+                        ".", what, target, attempt,
+                        time.monotonic() - started,
+                    )
+                return result
             except (KerasCkptError, NotImplementedError):
                 raise
             except Exception as e:
@@ -369,14 +391,33 @@ class Uploader:
                         self.options.backoff * 2**attempt,
                     )
                     delay = random.uniform(0, cap)
-                    logger.info(
-                        "%s %s failed (%s); retry %d/%d in %.2fs.",
-                        what, target, _summary(e), attempt + 1,
-                        attempts - 1, delay,
-                    )
+                    if attempt == 0:
+                        started = time.monotonic()
+                        # One line says what is retried and for how long.
+                        logger.warning(
+                            "keras_ckpt: %s %s failed (%s); retrying up to %d"
+                            " times for up to %.0f s.", what, target,
+                            _summary(e), attempts - 1, self._retry_budget(
+                                attempts - 1),
+                        )
+                    else:
+                        logger.info(
+                            "%s %s failed (%s); retry %d/%d in %.2fs.",
+                            what, target, _summary(e), attempt + 1,
+                            attempts - 1, delay,
+                        )
                     time.sleep(delay)
                     continue
                 raise self._error(what, target, e, kind, attempt + 1) from e
+
+    def _retry_budget(self, retries):
+        """Longest time `retries` retries take: their backoff delays plus a
+        timeout per attempt."""
+        delays = sum(
+            min(self.options.max_backoff, self.options.backoff * 2**n)
+            for n in range(retries)
+        )
+        return delays + (retries + 1) * self.options.timeout
 
     def _error(self, what, target, exc, kind, attempts):
         if kind == NOT_FOUND:
@@ -466,6 +507,41 @@ class Uploader:
             return self.read_bytes(name) == data
         return written
 
+    def read_versioned(self, name):
+        """Returns `(data, version)` of the small object `name`, or
+        `(None, None)`; see `write_if()`."""
+        return self._retrying(
+            "read", self._url_of(name), self._read_versioned, name
+        )
+
+    def write_if(self, name, data, version):
+        """Writes the small object `name` if nobody changed it since it was
+        read with version `version` (None: if it does not exist).
+
+        The comparison and the write are one atomic request on S3
+        (`If-Match`/`If-None-Match`), GCS (`ifGenerationMatch`), Azure
+        (ETags) and file:// (a lock file created with `O_EXCL`).
+
+        Returns:
+            True if written; False if someone else changed `name` first.
+        """
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        failed = []
+
+        def attempt():
+            try:
+                return self._write_if(name, data, version)
+            except Exception:
+                failed.append(True)
+                raise
+
+        written = self._retrying("write", self._url_of(name), attempt)
+        if not written and failed:
+            # An attempt whose reply was lost may have written it.
+            return self.read_bytes(name) == data
+        return written
+
     # ----------------------------------------------------------------------
     # Shared checkpoint logic.
 
@@ -497,6 +573,18 @@ class Uploader:
             name = f".keras_ckpt-check-{uuid.uuid4().hex}"
             self.write_bytes(name, b"")
             self.delete_file(name)
+
+    def reachable(self):
+        """Whether the store answers one cheap request now: no retry, no log.
+
+        What a training run that goes on during a mirror outage asks at each
+        save before trying the mirror again.
+        """
+        try:
+            self._probe()
+        except Exception:
+            return False
+        return True
 
     def read_manifest(self, name):
         """Returns the remote `Manifest` of checkpoint `name`.
@@ -634,44 +722,91 @@ class Uploader:
                 f"{'; '.join(wrong)}. The manifest was not written, so the "
                 "checkpoint is not committed there; the next save retries."
             )
+        self._manifests.pop(name, None)
         self.write_bytes(manifest_file, manifest_bytes)
 
     def commit(self, names, timestamps=None):
         """Writes the remote `checkpoint` pointer naming `names`.
 
         The pointer is `tf.train.CheckpointManager`'s file: the last name is
-        the latest checkpoint. It is written only if every named checkpoint
-        has its manifest there and the latest one is complete.
+        the latest checkpoint. It names only checkpoints that are complete
+        there: a name whose manifest is missing or whose files are missing or
+        truncated is left out with a warning (and uploaded again by the next
+        save that keeps it), so one upload cut short never blocks the
+        pointer.
 
         Args:
             names: list of str, the retained checkpoints, oldest first.
             timestamps: list of float or None, their save times, recorded as
                 `all_model_checkpoint_timestamps`.
 
+        Returns:
+            The names the pointer now lists.
+
         Raises:
-            StorageError: a named checkpoint is not (completely) uploaded.
+            StorageError: none of `names` is completely uploaded.
         """
         names = list(names)
         if not names:
             _invalid("names", names, "at least one checkpoint name")
         for name in names:
             _check_name(name)
-        listing = self.list_files()
-        missing = [n for n in names
-                   if manifest_lib.manifest_name(n) not in listing]
-        if not missing:
-            latest = self.read_manifest(names[-1])
-            missing = [names[-1]] if manifest_lib.size_problems(latest, listing) else []
-        if missing:
+        stamps = dict(zip(names, timestamps)) if timestamps else None
+        complete = {m.name for m in self.complete_manifests()}
+        missing = [n for n in names if n not in complete]
+        names = [n for n in names if n in complete]
+        if not names:
             raise StorageError(
-                f"Refusing to point {self._url_of(manifest_lib.POINTER_NAME)} "
-                f"at {missing}: not completely uploaded to {self.url}. "
-                "Upload them with `upload_checkpoint()` first."
+                f"Cannot point {self._url_of(manifest_lib.POINTER_NAME)} at "
+                f"{missing}: not completely uploaded to {self.url}. Upload "
+                "them with `upload_checkpoint()` first."
+            )
+        if missing:
+            logger.warning(
+                "keras_ckpt: %s does not name %s: not completely uploaded to "
+                "%s.", self._url_of(manifest_lib.POINTER_NAME), missing,
+                self.url,
             )
         self.write_bytes(
             manifest_lib.POINTER_NAME,
-            manifest_lib.format_pointer(names, timestamps),
+            manifest_lib.format_pointer(
+                names, [stamps[n] for n in names] if stamps else None),
         )
+        return names
+
+    def complete_manifests(self):
+        """Manifests of the checkpoints complete on the store, oldest first.
+
+        A checkpoint is complete when its manifest is there and every file
+        it lists has the listed size. Manifests are read once and cached
+        (a committed manifest never changes: it is deleted before its
+        checkpoint is replaced). An unreadable manifest is skipped with a
+        warning.
+        """
+        listing = self.list_files()
+        cache = self._manifests
+        result = []
+        for name in manifest_lib.names_from_listing(listing):
+            size = listing[manifest_lib.manifest_name(name)]
+            cached = cache.get(name)
+            if cached is None or cached[0] != size:
+                data = self.read_bytes(manifest_lib.manifest_name(name))
+                if data is None:  # deleted since the listing
+                    continue
+                try:
+                    manifest = manifest_lib.Manifest.from_json(
+                        data, source=self._url_of(
+                            manifest_lib.manifest_name(name)))
+                except CorruptCheckpointError as e:
+                    logger.warning("keras_ckpt: skipping %s: %s",
+                                   self._url_of(name), e)
+                    continue
+                cached = cache[name] = (size, manifest)
+            if not manifest_lib.size_problems(cached[1], listing):
+                result.append(cached[1])
+        for name in set(cache) - set(manifest_lib.names_from_listing(listing)):
+            del cache[name]
+        return result
 
     def delete_checkpoint(self, name):
         """Deletes a remote checkpoint: manifest first, then its files.
@@ -689,29 +824,38 @@ class Uploader:
 
     def retain(self, keep_names, timestamps=None):
         """Points the mirror at `keep_names` and deletes every other
-        checkpoint there (including leftovers of interrupted uploads).
+        checkpoint there (including leftovers of interrupted uploads, and
+        kept names that are not completely uploaded).
 
         Args:
             keep_names: list of str, checkpoints to keep, oldest first; the
-                last one becomes the latest.
+                last complete one becomes the latest.
             timestamps: list of float or None, see `commit()`.
+
+        Returns:
+            The names the pointer now lists.
         """
-        keep_names = list(keep_names)
-        self.commit(keep_names, timestamps)
+        pointed = self.commit(list(keep_names), timestamps)
         present = set()
         for filename in self.list_files():
             match = _FILE_RE.match(filename)
             if match:
                 present.add(match.group(1))
-        for name in sorted(present - set(keep_names),
-                           key=manifest_lib.step_of):
+        for name in sorted(present - set(pointed), key=manifest_lib.step_of):
             self.delete_checkpoint(name)
+        return pointed
 
     def mirror(self, local_dir, name, keep_names, timestamps=None):
-        """Uploads checkpoint `name`, commits it, then applies retention.
+        """Uploads checkpoint `name`, heals the mirror, then applies
+        retention.
 
         The one call a training run makes per save: `upload_checkpoint()`,
-        then `retain(keep_names)`.
+        then every other checkpoint of `keep_names` that is missing or
+        incomplete on the mirror (an upload cut short by a preemption or an
+        outage) is uploaded again from `local_dir`, or, if `local_dir` no
+        longer has it, dropped from the mirror with a warning; then
+        `retain()`. A failure to heal one checkpoint is logged and never
+        blocks the others.
 
         Args:
             local_dir: str, the local checkpoint directory.
@@ -719,6 +863,9 @@ class Uploader:
             keep_names: list of str, the checkpoints to keep remotely, oldest
                 first, ending with `name`.
             timestamps: list of float or None, see `commit()`.
+
+        Returns:
+            The names the mirror's pointer now lists.
         """
         keep_names = list(keep_names)
         if name not in keep_names:
@@ -726,7 +873,31 @@ class Uploader:
                 "keep_names", keep_names, f"a list that includes {name!r}"
             )
         self.upload_checkpoint(local_dir, name)
-        self.retain(keep_names, timestamps)
+        complete = {m.name for m in self.complete_manifests()}
+        local = set(_local_complete_names(local_dir))
+        for other in keep_names:
+            if other in complete:
+                continue
+            if other not in local:
+                logger.warning(
+                    "keras_ckpt: %s is incomplete and %s no longer has it: "
+                    "dropped from the mirror.", self._url_of(other),
+                    local_dir,
+                )
+                continue
+            try:
+                self.upload_checkpoint(local_dir, other)
+            except (StorageError, CorruptCheckpointError) as e:
+                logger.warning(
+                    "keras_ckpt: could not upload %s again (%s); the next "
+                    "save retries.", self._url_of(other), e,
+                )
+            else:
+                logger.warning(
+                    "keras_ckpt: uploaded %s again: an earlier upload was cut "
+                    "short.", self._url_of(other),
+                )
+        return self.retain(keep_names, timestamps)
 
     def download_checkpoint(self, name, local_dir, verify=True, progress=None):
         """Downloads checkpoint `name` into `local_dir`, verified.

@@ -137,6 +137,35 @@ class GCSUploader(base.Uploader):
             raise
         return True
 
+    def _read_versioned(self, name):
+        blob = self._client().bucket(self.bucket).get_blob(
+            self._key(name), timeout=self.options.timeout,
+            retry=self._request_retry,
+        )
+        if blob is None:
+            return None, None
+        try:
+            data = blob.download_as_bytes(
+                if_generation_match=blob.generation,
+                timeout=self.options.timeout, retry=self._request_retry,
+            )
+        except (api_exceptions.NotFound, api_exceptions.PreconditionFailed):
+            # Replaced or deleted since: report the version read, which a
+            # conditional write then finds stale.
+            return b"", blob.generation
+        return data, blob.generation
+
+    def _write_if(self, name, data, version):
+        # ifGenerationMatch: 0 creates, <generation> replaces only that one.
+        try:
+            self._blob(name).upload_from_string(
+                data, if_generation_match=0 if version is None else version,
+                timeout=self.options.timeout, retry=self._request_retry,
+            )
+        except api_exceptions.PreconditionFailed:
+            return False
+        return True
+
     def _probe(self):
         blobs = self._client().list_blobs(
             self.bucket,

@@ -1,6 +1,8 @@
 """`file://` mirror: a directory, e.g. on an NFS or other shared mount."""
 
+import contextlib
 import errno
+import hashlib
 import os
 import time
 import urllib.parse
@@ -150,6 +152,27 @@ class LocalUploader(base.Uploader):
         manifest_lib.fsync_dir(os.path.dirname(dest))
         return True
 
+    def _read_versioned(self, name):
+        data = self._read_bytes(name)
+        return (None, None) if data is None else (data, _version(data))
+
+    def _write_if(self, name, data, version):
+        dest = self._path(name)
+        self._ensure_dir(os.path.dirname(dest))
+        # rename() alone cannot compare-and-swap: the read, the comparison
+        # and the rename happen under a lock file created with O_EXCL.
+        with _exclusive(dest + ".lock"):
+            try:
+                with open(dest, "rb") as f:
+                    current = _version(f.read())
+            except FileNotFoundError:
+                current = None
+            if current != version:
+                return False
+            manifest_lib.atomic_write(dest, data)
+        manifest_lib.fsync_dir(os.path.dirname(dest))
+        return True
+
     def _probe(self):
         self._require_parent()
         if os.path.exists(self.path):
@@ -178,6 +201,41 @@ class LocalUploader(base.Uploader):
                 f"it, or correct the mirror URL {self.url}."
             )
         return super()._hint(kind)
+
+
+# A lock file older than this was left by a process that died holding it.
+_STALE_LOCK_SECONDS = 30.0
+_LOCK_WAIT_SECONDS = 10.0
+
+
+def _version(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path):
+    deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                age = time.time() - os.path.getmtime(lock_path)
+            except FileNotFoundError:
+                continue
+            if age > _STALE_LOCK_SECONDS:
+                _remove_quietly(lock_path)
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{lock_path} is held by another process") from None
+            time.sleep(0.01)
+    try:
+        os.close(fd)
+        yield
+    finally:
+        _remove_quietly(lock_path)
 
 
 def _tmp_name(path):

@@ -131,6 +131,33 @@ class S3Uploader(base.Uploader):
             raise
         return True
 
+    def _read_versioned(self, name):
+        try:
+            response = self._client().get_object(
+                Bucket=self.bucket, Key=self._key(name)
+            )
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in _NOT_FOUND_CODES:
+                return None, None
+            raise
+        with response["Body"] as body:
+            return body.read(), response["ETag"]
+
+    def _write_if(self, name, data, version):
+        # S3 conditional writes: If-None-Match: * creates, If-Match: <ETag>
+        # replaces only the version that was read.
+        extra = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            self._client().put_object(
+                Bucket=self.bucket, Key=self._key(name), Body=data, **extra
+            )
+        except botocore.exceptions.ClientError as e:
+            if _code(e) in ("PreconditionFailed", "412", "NoSuchKey",
+                            "ConditionalRequestConflict", "409"):
+                return False
+            raise
+        return True
+
     def _probe(self):
         self._client(probe=True).list_objects_v2(
             Bucket=self.bucket,

@@ -1,0 +1,149 @@
+"""`train.py`'s job with one fault injected into the commit protocol.
+
+Usage: fault_job.py [--kill STEP] [--at-save K] [--pause-at-save K]
+                    [--mirror-options JSON] -- <train.py arguments>
+
+`--kill STEP` ends the process with `os._exit(137)` (as SIGKILL would: no
+cleanup, no flush) right after STEP of the K-th save or a later one:
+
+  local-data       the data file is written, the index not yet
+  local-index      data and index written, the manifest not yet
+  local-manifest   the manifest is committed, the pointer not yet updated
+  local-pointer    the pointer is updated, retention not yet applied
+  local-retention  retention deleted its first checkpoint
+  mirror-data      the data file is uploaded, the index not yet
+  mirror-index     data and index uploaded, the manifest not yet
+  mirror-manifest  the manifest is uploaded, the mirror's pointer not yet
+  mirror-pointer   the mirror's pointer is written, its retention not yet
+  mirror-retention the mirror's retention deleted its first checkpoint
+
+`--pause-at-save K` writes `<dir>.paused` once the K-th save is committed
+and waits for `<dir>.go` (the test arms a network fault in between).
+"""
+
+import functools
+import json
+import os
+import re
+import runpy
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KILL_STEPS = (
+    "local-data", "local-index", "local-manifest", "local-pointer",
+    "local-retention", "mirror-data", "mirror-index", "mirror-manifest",
+    "mirror-pointer", "mirror-retention",
+)
+
+
+def main():
+    argv = sys.argv[1:]
+    split = argv.index("--")
+    ours, theirs = argv[:split], argv[split + 1:]
+    options = dict(zip(ours[::2], ours[1::2]))
+    kill = options.get("--kill")
+    at_save = int(options.get("--at-save", "1"))
+    pause_at = options.get("--pause-at-save")
+    mirror_options = json.loads(options.get("--mirror-options", "{}"))
+    directory = os.path.abspath(theirs[theirs.index("--dir") + 1])
+    assert kill is None or kill in KILL_STEPS, kill
+
+    import keras_ckpt.uploaders as uploaders
+    from keras_ckpt import commit, manager
+    from keras_ckpt.uploaders import base
+
+    if mirror_options:
+        uploaders.get_uploader = functools.partial(
+            uploaders.get_uploader, **mirror_options)
+
+    saves = [0]
+    in_retention = [False]
+
+    def reached(step):
+        if step == kill and saves[0] >= at_save:
+            sys.stdout.flush()
+            os._exit(137)
+
+    def after(fn, decide):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            step = decide(*args, **kwargs)
+            if step:
+                reached(step)
+            return result
+        return wrapped
+
+    original_save = commit.Committer.save
+
+    def save(self, *args, **kwargs):
+        saves[0] += 1
+        result = original_save(self, *args, **kwargs)
+        if pause_at is not None and saves[0] == int(pause_at):
+            open(directory + ".paused", "w").close()
+            while not os.path.exists(directory + ".go"):
+                time.sleep(0.05)
+        return result
+
+    commit.Committer.save = save
+
+    def fsync_step(path):
+        if os.path.dirname(os.path.abspath(path)) != directory:
+            return None
+        if path.endswith(manager.DATA_SUFFIX):
+            if kill == "local-data" and saves[0] >= at_save:
+                # The index is written after the data: not there yet.
+                os.remove(path[: -len(manager.DATA_SUFFIX)] + ".index")
+            return "local-data"
+        return "local-index" if path.endswith(".index") else None
+
+    manager._fsync_file = after(manager._fsync_file, fsync_step)
+    manifest_write = manager.manifest_lib.atomic_write
+
+    def manifest_step(path, data):
+        if (os.path.dirname(os.path.abspath(path)) == directory
+                and re.fullmatch(r"ckpt-\d+\.json", os.path.basename(path))):
+            return "local-manifest"
+        return None
+
+    manager.manifest_lib.atomic_write = after(manifest_write, manifest_step)
+    manager.LocalCheckpoints.write_pointer = after(
+        manager.LocalCheckpoints.write_pointer,
+        lambda *a, **k: "local-pointer")
+    original_retain = manager.LocalCheckpoints.retain
+
+    def retain(self, *args, **kwargs):
+        in_retention[0] = True
+        try:
+            return original_retain(self, *args, **kwargs)
+        finally:
+            in_retention[0] = False
+
+    manager.LocalCheckpoints.retain = retain
+    manager.LocalCheckpoints.delete = after(
+        manager.LocalCheckpoints.delete,
+        lambda *a, **k: "local-retention" if in_retention[0] else None)
+
+    def upload_step(self, local_path, name, progress=None):
+        if name.endswith(manager.DATA_SUFFIX):
+            return "mirror-data"
+        return "mirror-index" if name.endswith(".index") else None
+
+    base.Uploader.upload_file = after(base.Uploader.upload_file, upload_step)
+
+    def write_step(self, name, data, if_absent=False):
+        if re.fullmatch(r"ckpt-\d+\.json", name):
+            return "mirror-manifest"
+        return "mirror-pointer" if name == "checkpoint" else None
+
+    base.Uploader.write_bytes = after(base.Uploader.write_bytes, write_step)
+    base.Uploader.delete_checkpoint = after(
+        base.Uploader.delete_checkpoint, lambda *a, **k: "mirror-retention")
+
+    sys.argv = [os.path.join(HERE, "train.py"), *theirs]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
