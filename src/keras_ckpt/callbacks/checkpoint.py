@@ -401,6 +401,7 @@ class Checkpoint(distribute.Callback):
                 self.uploader.mirror(
                     self.directory, manifest.name, [m.name for m in kept]
                 )
+                self.uploader.archive(self.retention.archives(kept))
             if self.verbose:
                 where = f" and {self.uploader.url}" if self.uploader else ""
                 io_utils.print_msg(
