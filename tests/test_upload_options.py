@@ -439,3 +439,36 @@ def test_gcs_and_azure_refusals_name_the_option(gcs_url, azure_url):
         az._retrying("upload", az._url_of("ckpt-1.index"), refused)
     assert "encryption_scope" in str(e.value)
     assert "Nothing was deleted" in str(e.value)
+
+
+def test_glacier_archive_download_says_to_restore_first(local_ckpts, s3_url,
+                                                        tmp_path):
+    uploader = get_uploader(s3_url, ArchiveStorageClass="GLACIER", **FAST)
+    uploader.push(local_ckpts.dir)
+    assert uploader.archive(["ckpt-1"]) == ["ckpt-1"]
+    target = tmp_path / "restore"
+    with pytest.raises(StorageError, match="aws s3api restore-object"):
+        uploader.download_checkpoint("ckpt-1", str(target))
+    assert not [f for f in os.listdir(target) if not f.startswith("ckpt-2")]
+    # The rolling checkpoint is untouched and downloads.
+    uploader.download_checkpoint("ckpt-2", str(target))
+
+
+def test_export_uploads_every_file_with_the_environment_options(
+        s3_url, monkeypatch):
+    monkeypatch.setenv(
+        upload_options_lib.ENV,
+        json.dumps({**S3_OPTIONS, "StorageClass": "STANDARD_IA"}),
+    )
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    keras_ckpt.export_saved_model(model, f"{s3_url}/model")
+    bucket, keys = s3_objects(s3_url)
+    assert any(k.endswith("saved_model.pb") for k in keys)
+    assert any("/variables/" in k for k in keys)
+    for key in keys:
+        head = s3_client().head_object(Bucket=bucket, Key=key)
+        assert head["ServerSideEncryption"] == "aws:kms", key
+        assert head["SSEKMSKeyId"] == KEY_ARN, key
+        assert head["StorageClass"] == "STANDARD_IA", key
+        tags = s3_client().get_object_tagging(Bucket=bucket, Key=key)
+        assert {t["Key"] for t in tags["TagSet"]} == {"team", "retention"}

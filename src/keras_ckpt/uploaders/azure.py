@@ -237,9 +237,9 @@ class AzureUploader(base.Uploader):
             )
         if kind == base.REFUSED:
             return (
-                f"Azure refused to store the blob in container "
-                f"`{self.bucket}`: an encryption scope policy or a role "
-                "assignment refused the request. Upload options in use: "
+                f"Azure refused the request to container `{self.bucket}`: "
+                "an encryption scope policy or a role assignment refused it."
+                " Upload options in use: "
                 f"{upload_options_lib.described(self.upload_options)}. If "
                 "the container requires an encryption scope (default scope "
                 "with override prevented), set encryption_scope to that "

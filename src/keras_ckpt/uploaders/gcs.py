@@ -250,9 +250,9 @@ class GCSUploader(base.Uploader):
             )
         if kind == base.REFUSED:
             return (
-                f"GCS refused to store the object in bucket `{self.bucket}`:"
-                " a bucket or organization policy or a Cloud KMS key "
-                "permission refused the request. Upload options in use: "
+                f"GCS refused the request to bucket `{self.bucket}`: a "
+                "bucket or organization policy or a Cloud KMS key "
+                "permission refused it. Upload options in use: "
                 f"{upload_options_lib.described(self.upload_options)}. If "
                 "the bucket or organization requires a customer-managed key "
                 '(CMEK), set kms_key_name="projects/P/locations/L/keyRings/'

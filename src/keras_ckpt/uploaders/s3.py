@@ -22,6 +22,8 @@ _BAD_CREDENTIAL_CODES = {
 }
 _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403"}
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+# An object in GLACIER / DEEP_ARCHIVE that has not been restored.
+_ARCHIVED = "archived"
 # Requests that create an object: they carry the write options.
 _WRITE_OPERATIONS = {"PutObject", "CreateMultipartUpload", "CopyObject"}
 # Requests that a bucket policy or a KMS key can refuse while writing.
@@ -218,6 +220,8 @@ class S3Uploader(base.Uploader):
                 return base.NO_BUCKET
             if code in _BAD_CREDENTIAL_CODES:
                 return base.BAD_CREDENTIALS
+            if code == "InvalidObjectState":  # a 403 too
+                return _ARCHIVED
             message = str(exc.response.get("Error", {}).get("Message", ""))
             if code.startswith("KMS.") or "kms:" in message.lower() or (
                 (code in _DENIED_CODES or status == 403)
@@ -259,6 +263,15 @@ class S3Uploader(base.Uploader):
             )
         if kind == base.REFUSED:
             return self._refused_hint()
+        if kind == _ARCHIVED:
+            return (
+                "The object is in an archive storage class (GLACIER or "
+                "DEEP_ARCHIVE, e.g. by ArchiveStorageClass) and must be "
+                "restored first: `aws s3api restore-object --bucket "
+                f"{self.bucket} --key <key> --restore-request Days=1` for "
+                "its data and index files, then retry once it is restored, "
+                "or use a newer checkpoint."
+            )
         if kind == base.TRANSIENT:
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
                 "AWS_ENDPOINT_URL"
@@ -294,9 +307,9 @@ class S3Uploader(base.Uploader):
             extra.append("s3:PutObjectAcl (for ACL)")
         needs = f" and {', '.join(extra)}" if extra else ""
         return (
-            f"S3 refused to store the object in bucket `{self.bucket}`: a "
-            "bucket policy or a KMS key permission refused the request, or "
-            f"the credentials lack s3:PutObject{needs}. Upload options in "
+            f"S3 refused the request to bucket `{self.bucket}`: a bucket "
+            "policy or a KMS key permission refused it (or the credentials "
+            f"lack s3:PutObject{needs}). Upload options in "
             f"use: {upload_options_lib.described(options)}. {fix} Pass them "
             "to keras_ckpt.get_uploader(url, ...), as `--upload-option "
             f"KEY=VALUE` or in {upload_options_lib.ENV}. Nothing was deleted:"
