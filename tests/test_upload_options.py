@@ -472,3 +472,26 @@ def test_export_uploads_every_file_with_the_environment_options(
         assert head["StorageClass"] == "STANDARD_IA", key
         tags = s3_client().get_object_tagging(Bucket=bucket, Key=key)
         assert {t["Key"] for t in tags["TagSet"]} == {"team", "retention"}
+
+
+def test_s3_kms_refusal_names_the_key_in_use(s3_url):
+    import botocore.exceptions
+
+    uploader = get_uploader(s3_url, retries=0, ServerSideEncryption="aws:kms",
+                            SSEKMSKeyId=KEY_ARN)
+    # What S3 answers when the key is missing or disabled.
+    error = botocore.exceptions.ClientError(
+        {"Error": {"Code": "KMS.NotFoundException",
+                   "Message": f"Invalid keyId {KEY_ARN}"},
+         "ResponseMetadata": {"HTTPStatusCode": 400}},
+        "PutObject")
+
+    def refused():
+        raise error
+
+    with pytest.raises(StorageError) as e:
+        uploader._retrying("write", uploader._url_of("checkpoint"), refused)
+    message = str(e.value)
+    assert f"this key ({KEY_ARN})" in message
+    assert "kms:GenerateDataKey and kms:Decrypt" in message
+    assert "KMS.NotFoundException" in message
