@@ -59,6 +59,31 @@ def s3_objects(url):
     return bucket, [o["Key"] for o in listing.get("Contents", ())]
 
 
+def deny_uploads(url):
+    """A bucket policy denying every PutObject. moto enforces a policy's
+    Deny but ignores its Condition, so this stands for the usual "deny
+    PutObject without x-amz-server-side-encryption: aws:kms"."""
+    bucket, _ = s3_objects(url)
+    s3_client().put_bucket_policy(Bucket=bucket, Policy=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Deny", "Principal": "*",
+                       "Action": "s3:PutObject",
+                       "Resource": f"arn:aws:s3:::{bucket}/*"}],
+    }))
+
+
+def new_model():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+def train(ckpt, epochs, batch_size=8):
+    x = np.random.default_rng(0).random((16, 4), dtype="float32")
+    new_model().fit(x, x[:, :2], epochs=epochs, batch_size=batch_size,
+                    callbacks=[ckpt], verbose=0)
+
+
 def assert_s3_objects_carry(url, storage_class="STANDARD_IA", only=None):
     bucket, keys = s3_objects(url)
     names = {k.rsplit("/", 1)[1] for k in keys}
@@ -174,13 +199,9 @@ def test_cli_rejects_unknown_option_with_usage_error(
 def test_fit_with_s3_mirror_writes_every_object_with_the_options(
         s3_url, tmp_path):
     mirror = get_uploader(s3_url, **S3_OPTIONS, **MULTIPART, **FAST)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    model.compile(optimizer="adam", loss="mse")
-    x = np.random.default_rng(0).random((16, 4), dtype="float32")
     ckpt = keras_ckpt.Checkpoint(
         directory=str(tmp_path / "ckpt"), mirror=mirror, verbose=0)
-    model.fit(x, x[:, :2], epochs=2, batch_size=8, callbacks=[ckpt],
-              verbose=0)
+    train(ckpt, epochs=2)
     keys = assert_s3_objects_carry(s3_url)
     assert len(keys) >= 4
     # Readable as usual (the uploader reads what it wrote).
@@ -231,24 +252,12 @@ def test_every_request_carries_owner_and_requester_pays(local_ckpts, s3_url,
 
 def test_bucket_policy_refusal_names_the_policy_and_keeps_local_checkpoints(
         s3_url, tmp_path):
-    bucket, _ = s3_objects(s3_url)
-    # moto enforces a bucket policy's Deny (it ignores Conditions, so this
-    # stands for "deny PutObject without x-amz-server-side-encryption").
-    s3_client().put_bucket_policy(Bucket=bucket, Policy=json.dumps({
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Deny", "Principal": "*",
-                       "Action": "s3:PutObject",
-                       "Resource": f"arn:aws:s3:::{bucket}/*"}],
-    }))
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    model.compile(optimizer="adam", loss="mse")
-    x = np.random.default_rng(0).random((16, 4), dtype="float32")
+    deny_uploads(s3_url)
     directory = str(tmp_path / "ckpt")
     ckpt = keras_ckpt.Checkpoint(
         directory=directory, mirror=get_uploader(s3_url, **FAST), verbose=0)
     with pytest.raises(StorageError) as e:
-        model.fit(x, x[:, :2], epochs=1, batch_size=8, callbacks=[ckpt],
-                  verbose=0)
+        train(ckpt, epochs=1)
     message = str(e.value)
     assert "a bucket policy or a KMS key permission refused" in message
     assert 'ServerSideEncryption="aws:kms"' in message
@@ -260,13 +269,7 @@ def test_bucket_policy_refusal_names_the_policy_and_keeps_local_checkpoints(
 
 def test_push_refused_by_policy_exits_1_with_the_option_to_set(
         local_ckpts, s3_url, capsys):
-    bucket, _ = s3_objects(s3_url)
-    s3_client().put_bucket_policy(Bucket=bucket, Policy=json.dumps({
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Deny", "Principal": "*",
-                       "Action": "s3:PutObject",
-                       "Resource": f"arn:aws:s3:::{bucket}/*"}],
-    }))
+    deny_uploads(s3_url)
     code = cli.main(["push", local_ckpts.dir, s3_url,
                      "--upload-option", "ServerSideEncryption=aws:kms"])
     assert code == 1
@@ -280,16 +283,12 @@ def test_archives_move_to_the_archive_class_keeping_encryption_and_tags(
         s3_url, tmp_path):
     mirror = get_uploader(s3_url, ArchiveStorageClass="GLACIER_IR",
                           **S3_OPTIONS, **FAST)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    model.compile(optimizer="adam", loss="mse")
-    x = np.random.default_rng(0).random((16, 4), dtype="float32")
     # Windows of a few microseconds: every checkpoint is an archive once
     # it is no longer the newest.
     ckpt = keras_ckpt.Checkpoint(
         directory=str(tmp_path / "ckpt"), mirror=mirror, max_to_keep=1,
         keep_every_n_hours=1e-9, verbose=0)
-    model.fit(x, x[:, :2], epochs=3, batch_size=16, callbacks=[ckpt],
-              verbose=0)
+    train(ckpt, epochs=3, batch_size=16)
     latest = ckpt.last_saved.name
     bucket, keys = s3_objects(s3_url)
 
@@ -305,9 +304,7 @@ def test_archives_move_to_the_archive_class_keeping_encryption_and_tags(
     # An archive still restores.
     first = sorted(i.name for i in keras_ckpt.list_checkpoints(s3_url))[0]
     assert first != latest
-    restored = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    restored.compile(optimizer="adam", loss="mse")
-    keras_ckpt.restore(restored, s3_url, checkpoint=first)
+    keras_ckpt.restore(new_model(), s3_url, checkpoint=first)
 
 
 # --- GCS (fake-gcs-server keeps class and metadata, drops the key) ---------
@@ -460,8 +457,7 @@ def test_export_uploads_every_file_with_the_environment_options(
         upload_options_lib.ENV,
         json.dumps({**S3_OPTIONS, "StorageClass": "STANDARD_IA"}),
     )
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    keras_ckpt.export_saved_model(model, f"{s3_url}/model")
+    keras_ckpt.export_saved_model(new_model(), f"{s3_url}/model")
     bucket, keys = s3_objects(s3_url)
     assert any(k.endswith("saved_model.pb") for k in keys)
     assert any("/variables/" in k for k in keys)
