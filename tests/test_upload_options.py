@@ -491,3 +491,22 @@ def test_s3_kms_refusal_names_the_key_in_use(s3_url):
     assert f"this key ({KEY_ARN})" in message
     assert "kms:GenerateDataKey and kms:Decrypt" in message
     assert "KMS.NotFoundException" in message
+
+
+def test_archives_are_the_checkpoints_kept_only_by_the_hour_rule():
+    from keras_ckpt.manager import RetentionPolicy
+
+    hour = 3600.0
+    manifests = [
+        types.SimpleNamespace(name=f"ckpt-{i}", timestamp=i * 0.5 * hour,
+                              metrics={"val_loss": loss})
+        for i, loss in enumerate([5, 1, 4, 3, 2, 6, 7], start=1)
+    ]
+    policy = RetentionPolicy(max_to_keep=2, keep_every_n_hours=1.0,
+                             monitor="val_loss", mode="min", keep_best=1)
+    kept = policy.select(manifests)
+    # Hourly: ckpt-1, 3, 5, 7; newest two: 6, 7; best: ckpt-2.
+    assert kept == {"ckpt-1", "ckpt-2", "ckpt-3", "ckpt-5", "ckpt-6",
+                    "ckpt-7"}
+    assert policy.archives(manifests) == ["ckpt-1", "ckpt-3", "ckpt-5"]
+    assert RetentionPolicy(max_to_keep=2).archives(manifests) == []
