@@ -510,3 +510,19 @@ def test_archives_are_the_checkpoints_kept_only_by_the_hour_rule():
                     "ckpt-7"}
     assert policy.archives(manifests) == ["ckpt-1", "ckpt-3", "ckpt-5"]
     assert RetentionPolicy(max_to_keep=2).archives(manifests) == []
+
+
+def test_gcs_every_request_bills_the_user_project(local_ckpts, gcs_url,
+                                                  tmp_path):
+    uploader = get_uploader(gcs_url, user_project="billing-project")
+    sent = record_gcs_requests(uploader)
+    uploader.push(local_ckpts.dir)
+    uploader.pull(str(tmp_path / "pulled"))
+    uploader.delete_checkpoint("ckpt-1")
+    # google-cloud-storage 3 also looks the bucket's metadata up on a
+    # background thread of its own (`_bucket_metadata_cache`), without
+    # userProject; that request is not one keras_ckpt makes.
+    ours = [r for r in sent if "/o" in r.url.split("?")[0]]
+    assert {"GET", "POST", "DELETE"} <= {r.method for r in ours}
+    assert all("userProject=billing-project" in r.url for r in ours), [
+        r.url for r in ours if "userProject" not in r.url]
