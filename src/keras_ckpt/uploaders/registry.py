@@ -146,10 +146,7 @@ def get_uploader(url, **options):
     except ValueError as e:
         if not defaults:
             raise
-        raise ValueError(
-            f"{e} (Options for {url} came from {source} as well as the "
-            "arguments.)"
-        ) from e
+        raise ValueError(f"{e} (Options for {url} came from {source}.)") from e
 
 
 def known_schemes():

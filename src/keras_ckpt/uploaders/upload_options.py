@@ -497,7 +497,7 @@ def parse_entries(entries, source):
     parsed = {}
     for entry in entries:
         key, sep, value = entry.partition("=")
-        key = key.strip()
+        key, value = key.strip(), value.strip()
         if not sep or not key:
             raise ValueError(
                 f"Invalid value for {source}: {entry!r}. Expected KEY=VALUE,"
