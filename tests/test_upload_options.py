@@ -557,3 +557,12 @@ def test_gcs_every_request_bills_the_user_project(local_ckpts, gcs_url,
     assert {"GET", "POST", "DELETE"} <= {r.method for r in ours}
     assert all("userProject=billing-project" in r.url for r in ours), [
         r.url for r in ours if "userProject" not in r.url]
+
+
+def test_azure_archive_tier_download_says_to_rehydrate(local_ckpts,
+                                                       azure_url, tmp_path):
+    uploader = get_uploader(azure_url, archive_blob_tier="Archive", **FAST)
+    uploader.push(local_ckpts.dir)
+    uploader.archive(["ckpt-1"])
+    with pytest.raises(StorageError, match="--rehydrate-priority"):
+        uploader.download_checkpoint("ckpt-1", str(tmp_path / "restore"))

@@ -14,6 +14,8 @@ from keras_ckpt.uploaders import upload_options as upload_options_lib
 
 CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 ACCOUNT_URL_ENV = "AZURE_STORAGE_ACCOUNT_URL"
+# A blob in the Archive tier that has not been rehydrated.
+_ARCHIVED = "archived"
 
 
 class AzureUploader(base.Uploader):
@@ -211,6 +213,8 @@ class AzureUploader(base.Uploader):
             status = exc.status_code or 0
             if code == "ContainerNotFound":
                 return base.NO_BUCKET
+            if code == "BlobArchived":
+                return _ARCHIVED
             if code == "BlobNotFound":
                 return base.NOT_FOUND
             if code in ("AuthenticationFailed", "InvalidAuthenticationInfo"):
@@ -234,6 +238,15 @@ class AzureUploader(base.Uploader):
                 "DefaultAzureCredential found no credentials: use a managed "
                 "identity, run `az login`, or set "
                 f"{CONNECTION_STRING_ENV} instead of {ACCOUNT_URL_ENV}."
+            )
+        if kind == _ARCHIVED:
+            return (
+                "The blob is in the Archive tier (e.g. by archive_blob_tier)"
+                " and must be rehydrated first: `az storage blob set-tier "
+                f"--container-name {self.bucket} --name <blob> --tier Hot "
+                "--rehydrate-priority High` for its data and index blobs, "
+                "then retry once they are rehydrated (hours), or use a newer "
+                "checkpoint."
             )
         if kind == base.REFUSED:
             return (
