@@ -9,6 +9,10 @@ really sent through the SDK's own request hook.
 
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import types
 
 import boto3
@@ -566,3 +570,23 @@ def test_azure_archive_tier_download_says_to_rehydrate(local_ckpts,
     uploader.archive(["ckpt-1"])
     with pytest.raises(StorageError, match="--rehydrate-priority"):
         uploader.download_checkpoint("ckpt-1", str(tmp_path / "restore"))
+
+
+@pytest.mark.slow
+def test_unchanged_script_resumes_on_a_fresh_machine_with_env_options(
+        tmp_path, s3_url, subprocess_env):
+    script = os.path.join(os.path.dirname(__file__), "scripts", "train.py")
+    env = subprocess_env(**{upload_options_lib.ENV: json.dumps(
+        {**S3_OPTIONS, "ExpectedBucketOwner": "123456789012"})})
+    local = tmp_path / "vm-disk"
+    job = [sys.executable, script, "--dir", str(local), "--mirror", s3_url,
+           "--out", str(tmp_path / "out.npz"), "--save-freq", "5"]
+    first = subprocess.run(job + ["--kill-at-step", "21"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    shutil.rmtree(local)  # a fresh machine: only the mirror is left
+    second = subprocess.run(job, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"resumed from {s3_url}/ckpt-" in second.stdout
+    assert_s3_objects_carry(s3_url)

@@ -724,16 +724,17 @@ class Uploader:
             The names moved by this call.
         """
         target = getattr(self.upload_options, "archive_class", None)
-        pending = [n for n in names if n not in self._archived] if target else []
+        pending = [n for n in names if n not in self._archived]
         for name in pending:
             _check_name(name)
-        if not pending:
+        if not (target and pending):
             return []
         listing = self.list_files()
         for name in pending:
             manifest_file = manifest_lib.manifest_name(name)
             for filename in sorted(listing):
-                if filename.startswith(f"{name}.") and filename != manifest_file:
+                if filename.startswith(f"{name}.") and (
+                        filename != manifest_file):
                     self._retrying(
                         "archive", self._url_of(filename), self._archive_file,
                         filename, target,

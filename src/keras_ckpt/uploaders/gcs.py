@@ -108,7 +108,9 @@ class GCSUploader(base.Uploader):
     def _upload_file(self, local_path, name, progress=None):
         size = os.path.getsize(local_path)
         chunked = size >= self.options.multipart_threshold
-        blob = self._blob(name, self.chunk_size if chunked else None, write=True)
+        blob = self._blob(
+            name, self.chunk_size if chunked else None, write=True
+        )
         blob.upload_from_filename(
             local_path, timeout=self.options.timeout, retry=self._request_retry
         )
