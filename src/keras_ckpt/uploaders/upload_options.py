@@ -68,8 +68,9 @@ def _invalid(name, value, expected):
 
 def _check_choice(name, value, choices):
     if value is not None and value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        lowered = {c.lower(): c for c in choices}
+        close = difflib.get_close_matches(str(value).lower(), lowered, n=1)
+        hint = f" Did you mean {lowered[close[0]]!r}?" if close else ""
         raise ValueError(
             f"Invalid value for argument `{name}`. Received: {name}={value!r}."
             f" Expected one of {', '.join(map(repr, choices))}.{hint}"
