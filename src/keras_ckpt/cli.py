@@ -24,6 +24,7 @@ keras-ckpt prune s3://my-bucket/run-1 --keep 3 --dry-run
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import datetime
 import importlib
 import json
@@ -183,6 +184,39 @@ def _uploader(url):
         return get_uploader(url)
     except ValueError as e:
         raise _UsageError(str(e)) from None
+
+
+@contextlib.contextmanager
+def _upload_options(args):
+    """Applies `--upload-option` to every uploader the command builds, after
+    checking the options (and KERAS_CKPT_UPLOAD_OPTIONS) for each URL
+    argument, so a typo fails before any transfer."""
+    from keras_ckpt.uploaders import UploaderOptions
+    from keras_ckpt.uploaders import upload_options as upload_options_lib
+
+    try:
+        given = upload_options_lib.parse_entries(
+            args.upload_options, "--upload-option")
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    known = upload_options_lib.known_names(UploaderOptions)
+    for key in given:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            raise _UsageError(
+                f"Unknown --upload-option `{key}`.{hint} Valid options: "
+                f"{', '.join(known)}."
+            )
+    with upload_options_lib.command_line(given):
+        for name in ("url", "source", "out", "ckpt"):
+            value = getattr(args, name, None)
+            if isinstance(value, str) and _is_url(value):
+                try:
+                    _uploader(value)
+                except KerasCkptError:
+                    pass  # reported by the command itself, with context
+        yield
 
 
 def _open_source(source):
@@ -869,6 +903,16 @@ def _build_parser():
         "--debug", action="store_true", default=argparse.SUPPRESS,
         help="print the full traceback on errors",
     )
+    common.add_argument(
+        "--upload-option", action="append", default=[], metavar="KEY=VALUE",
+        dest="upload_options",
+        help="an option of the store, applied to every object written (and "
+             "to every request, for ExpectedBucketOwner, RequestPayer, "
+             "user_project), e.g. ServerSideEncryption=aws:kms, "
+             "kms_key_name=projects/..., encryption_scope=NAME, "
+             "Tagging.team=ml; repeatable; overrides "
+             "KERAS_CKPT_UPLOAD_OPTIONS",
+    )
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=formatter,
@@ -1076,7 +1120,8 @@ def main(argv=None):
     except SystemExit as e:  # --help, --version, usage errors
         return e.code if isinstance(e.code, int) else 2
     try:
-        return args.run(args)
+        with _upload_options(args):
+            return args.run(args)
     except _UsageError as e:
         args.parser.print_usage(sys.stderr)
         _err(f"{args.parser.prog}: error: {_one_line(e)}")

@@ -163,6 +163,10 @@ class Committer:
             stamps = [m.timestamp for m in ordered if m.name in names]
             self.uploader.mirror(
                 self.store.directory, manifest.name, names, stamps)
+            # Checkpoints kept only by keep_every_n_hours move to the
+            # store's archive class, if the user chose one.
+            self.uploader.archive(
+                [n for n in self.policy.archives(ordered) if n in names])
         except StorageError as e:
             self._mirror_failed(e)
             self.unmirrored.append(manifest.name)

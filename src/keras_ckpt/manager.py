@@ -90,6 +90,15 @@ class RetentionPolicy:
             keep.add(manifests[-1].name)  # never drop the latest
         return keep
 
+    def archives(self, manifests):
+        """Names kept only by `keep_every_n_hours` (oldest first): the
+        archives, which an archive storage class applies to."""
+        if not self.keep_every_n_hours:
+            return []
+        rolling = dataclasses.replace(self, keep_every_n_hours=None)
+        keep, others = self.select(manifests), rolling.select(manifests)
+        return [m.name for m in manifests if m.name in keep - others]
+
 
 class _TensorList(tf.__internal__.tracking.Trackable):
     """Serializes a fixed list of tensors under keys `00000`, `00001`, ..."""

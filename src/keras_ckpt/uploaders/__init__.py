@@ -4,5 +4,11 @@ from keras_ckpt.uploaders.base import Uploader
 from keras_ckpt.uploaders.base import UploaderOptions
 from keras_ckpt.uploaders.registry import get_uploader
 from keras_ckpt.uploaders.registry import register_uploader
+from keras_ckpt.uploaders.upload_options import AzureUploadOptions
+from keras_ckpt.uploaders.upload_options import GCSUploadOptions
+from keras_ckpt.uploaders.upload_options import S3UploadOptions
 
-__all__ = ["Uploader", "UploaderOptions", "get_uploader", "register_uploader"]
+__all__ = [
+    "AzureUploadOptions", "GCSUploadOptions", "S3UploadOptions", "Uploader",
+    "UploaderOptions", "get_uploader", "register_uploader",
+]

@@ -6,13 +6,17 @@ import threading
 import azure.core.exceptions as azure_exceptions
 from azure.core import MatchConditions
 from azure.storage.blob import BlobServiceClient
+from azure.storage.blob import StandardBlobTier
 
 from keras_ckpt.errors import MissingDependencyError
 from keras_ckpt.errors import StorageError
 from keras_ckpt.uploaders import base
+from keras_ckpt.uploaders import upload_options as upload_options_lib
 
 CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 ACCOUNT_URL_ENV = "AZURE_STORAGE_ACCOUNT_URL"
+# A blob in the Archive tier that has not been rehydrated.
+_ARCHIVED = "archived"
 
 
 class AzureUploader(base.Uploader):
@@ -30,9 +34,13 @@ class AzureUploader(base.Uploader):
     Large files go up as blocks and come down in ranges, `max_concurrency`
     at a time (the SDK's default is one).
 
+    An encryption scope, an access tier, blob index tags and metadata are
+    `AzureUploadOptions`, given as keyword arguments with
+    azure-storage-blob's names; every blob the library writes carries them.
+
     Args:
         url: str, `"az://container/prefix"`.
-        **options: see `UploaderOptions`.
+        **options: see `UploaderOptions` and `AzureUploadOptions`.
 
     Raises:
         StorageError: neither environment variable is set.
@@ -47,6 +55,7 @@ class AzureUploader(base.Uploader):
     """
 
     bucket_word = "container"
+    upload_options_class = upload_options_lib.AzureUploadOptions
 
     def __init__(self, url, options=None, **kwargs):
         super().__init__(url, options, **kwargs)
@@ -89,12 +98,26 @@ class AzureUploader(base.Uploader):
                 )
             return self._container_client
 
+    def _write_args(self):
+        """`upload_blob` keyword arguments of every blob written."""
+        options = self.upload_options
+        args = {
+            "encryption_scope": options.encryption_scope,
+            "standard_blob_tier": (
+                StandardBlobTier(options.standard_blob_tier)
+                if options.standard_blob_tier else None
+            ),
+            "tags": options.tags or None,
+            "metadata": options.metadata or None,
+        }
+        return {k: v for k, v in args.items() if v is not None}
+
     def _upload_file(self, local_path, name, progress=None):
         with open(local_path, "rb") as f:
             self._container().upload_blob(
                 self._key(name), f, length=os.path.getsize(local_path),
                 overwrite=True, max_concurrency=self.options.max_concurrency,
-                progress_hook=_increments(progress),
+                progress_hook=_increments(progress), **self._write_args(),
             )
 
     def _download_file(self, name, local_path, progress=None):
@@ -136,7 +159,8 @@ class AzureUploader(base.Uploader):
         try:
             # overwrite=False sends If-None-Match: *, an atomic create.
             self._container().upload_blob(
-                self._key(name), data, overwrite=not if_absent
+                self._key(name), data, overwrite=not if_absent,
+                **self._write_args(),
             )
         except azure_exceptions.ResourceExistsError:
             if if_absent:
@@ -162,11 +186,17 @@ class AzureUploader(base.Uploader):
             self._container().upload_blob(
                 self._key(name), data, overwrite=True, etag=version,
                 match_condition=MatchConditions.IfNotModified,
+                **self._write_args(),
             )
         except (azure_exceptions.ResourceModifiedError,
                 azure_exceptions.ResourceNotFoundError):
             return False
         return True
+    def _archive_file(self, name, storage_class):
+        blob = self._container().get_blob_client(self._key(name))
+        if blob.get_blob_properties().blob_tier == storage_class:
+            return
+        blob.set_standard_blob_tier(StandardBlobTier(storage_class))
 
     def _probe(self):
         timeout = self.options.check_timeout
@@ -182,6 +212,11 @@ class AzureUploader(base.Uploader):
     def _error_kind(self, exc):
         if type(exc).__name__ == "CredentialUnavailableError":
             return base.NO_CREDENTIALS
+        if isinstance(exc, azure_exceptions.HttpResponseError) and (
+            "EncryptionScope" in _code(exc)
+            or _code(exc) == "AuthorizationPermissionMismatch"
+        ):
+            return base.REFUSED
         if isinstance(exc, azure_exceptions.ClientAuthenticationError):
             # A 403 from the service is a ClientAuthenticationError too.
             code = _code(exc)
@@ -203,6 +238,8 @@ class AzureUploader(base.Uploader):
             status = exc.status_code or 0
             if code == "ContainerNotFound":
                 return base.NO_BUCKET
+            if code == "BlobArchived":
+                return _ARCHIVED
             if code == "BlobNotFound":
                 return base.NOT_FOUND
             if code in ("AuthenticationFailed", "InvalidAuthenticationInfo"):
@@ -226,6 +263,31 @@ class AzureUploader(base.Uploader):
                 "DefaultAzureCredential found no credentials: use a managed "
                 "identity, run `az login`, or set "
                 f"{CONNECTION_STRING_ENV} instead of {ACCOUNT_URL_ENV}."
+            )
+        if kind == _ARCHIVED:
+            return (
+                "The blob is in the Archive tier (e.g. by archive_blob_tier)"
+                " and must be rehydrated first: `az storage blob set-tier "
+                f"--container-name {self.bucket} --name <blob> --tier Hot "
+                "--rehydrate-priority High` for its data and index blobs, "
+                "then retry once they are rehydrated (hours), or use a newer "
+                "checkpoint."
+            )
+        if kind == base.REFUSED:
+            return (
+                f"Azure refused the request to container `{self.bucket}`: "
+                "an encryption scope policy or a role assignment refused it."
+                " Upload options in use: "
+                f"{upload_options_lib.described(self.upload_options)}. If "
+                "the container requires an encryption scope (default scope "
+                "with override prevented), set encryption_scope to that "
+                "scope's name; the scope must exist and be enabled, and its "
+                "Key Vault key must grant the storage account's identity "
+                "get, wrapKey and unwrapKey. Writing needs the `Storage Blob"
+                " Data Contributor` role (`Storage Blob Data Owner` to set "
+                "tags). Pass options to keras_ckpt.get_uploader(url, ...), as"
+                f" `--upload-option KEY=VALUE` or in {upload_options_lib.ENV}."
+                " Nothing was deleted: the local checkpoints are intact."
             )
         if kind in (base.BAD_CREDENTIALS, base.DENIED):
             return (

@@ -30,6 +30,7 @@ from keras_ckpt.errors import CheckpointNotFoundError
 from keras_ckpt.errors import CorruptCheckpointError
 from keras_ckpt.errors import KerasCkptError
 from keras_ckpt.errors import StorageError
+from keras_ckpt.uploaders import upload_options as upload_options_lib
 
 logger = logging.getLogger("keras_ckpt.uploaders")
 
@@ -44,6 +45,7 @@ NO_CREDENTIALS = "no_credentials"  # no credentials could be found
 BAD_CREDENTIALS = "bad_credentials"  # credentials were rejected
 DENIED = "denied"  # authenticated, but not allowed
 NOT_FOUND = "not_found"  # the object is missing
+REFUSED = "refused"  # a bucket policy or key permission refused a write
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,8 +163,12 @@ class Uploader:
     Args:
         url: str, where checkpoints go, e.g. `"s3://my-bucket/runs/1"`.
         options: `UploaderOptions`, or None to build one from `**kwargs`.
+        upload_options: the store's `upload_options_class` instance
+            (`S3UploadOptions`, `GCSUploadOptions`, `AzureUploadOptions`), or
+            None to build one from `**kwargs`.
         **kwargs: fields of `UploaderOptions` (`retries`, `backoff`,
-            `timeout`, `max_concurrency`, ...).
+            `timeout`, `max_concurrency`, ...) and of the store's upload
+            options (`ServerSideEncryption`, `kms_key_name`, ...).
 
     Example:
 
@@ -177,6 +183,9 @@ class Uploader:
 
     #: What the store calls a bucket, for error messages.
     bucket_word = "bucket"
+    #: The store's frozen dataclass of upload options (encryption, class,
+    #: tags; see `upload_options`), or None if it has none.
+    upload_options_class = None
     # Part size when `options.chunk_size` is None.
     default_chunk_size = 16 * _MiB
 
@@ -185,27 +194,12 @@ class Uploader:
         """Bytes per part of a large transfer."""
         return self.options.chunk_size or self.default_chunk_size
 
-    def __init__(self, url, options=None, **kwargs):
-        if options is not None and kwargs:
-            raise ValueError(
-                f"Pass either `options` or keyword options to "
-                f"{type(self).__name__}, not both. Received: options={options!r}"
-                f" and {kwargs!r}."
-            )
-        if options is None:
-            valid = {f.name for f in dataclasses.fields(UploaderOptions)}
-            unknown = sorted(set(kwargs) - valid)
-            if unknown:
-                raise ValueError(
-                    f"Unrecognized keyword arguments passed to "
-                    f"{type(self).__name__}: {unknown}. Valid options: "
-                    f"{sorted(valid)}."
-                )
-            options = UploaderOptions(**kwargs)
-        elif not isinstance(options, UploaderOptions):
-            _invalid("options", options, "an UploaderOptions instance or None")
-        self.options = options
+    def __init__(self, url, options=None, upload_options=None, **kwargs):
+        self.options, self.upload_options = upload_options_lib.resolve(
+            type(self), UploaderOptions, options, upload_options, kwargs
+        )
         self._manifests = {}  # name -> (manifest size, Manifest)
+        self._archived = set()  # checkpoints already moved by `archive()`
         self.scheme, self.bucket, self.prefix = self._parse_url(url)
         self.url = self._format_url()
 
@@ -297,6 +291,12 @@ class Uploader:
         """Writes small object `name` only if its version is still
         `version` (None: only if `name` does not exist), in one atomic
         request. Returns False if the precondition failed."""
+        raise NotImplementedError
+
+    def _archive_file(self, name, storage_class):
+        """Moves object `name` to `storage_class` (the store's archive
+        option) in place, keeping its encryption, tags and metadata; does
+        nothing if it is in that class already."""
         raise NotImplementedError
 
     def _probe(self):
@@ -844,6 +844,43 @@ class Uploader:
         for name in sorted(present - set(pointed), key=manifest_lib.step_of):
             self.delete_checkpoint(name)
         return pointed
+
+    def archive(self, names):
+        """Moves archived checkpoints' data and index files to a colder class.
+
+        The class is the store's archive option (`ArchiveStorageClass` on
+        S3, `archive_storage_class` on GCS, `archive_blob_tier` on Azure);
+        without one this does nothing. Manifests stay in their class, so
+        listing and choosing a checkpoint stay immediate. Each checkpoint is
+        moved once per process; a file already in the class is left alone.
+        Which checkpoints are archives is retention's decision
+        (`RetentionPolicy.archives()`: those kept only by
+        `keep_every_n_hours`).
+
+        Args:
+            names: list of str, the archived checkpoints.
+
+        Returns:
+            The names moved by this call.
+        """
+        target = getattr(self.upload_options, "archive_class", None)
+        pending = [n for n in names if n not in self._archived]
+        for name in pending:
+            _check_name(name)
+        if not (target and pending):
+            return []
+        listing = self.list_files()
+        for name in pending:
+            manifest_file = manifest_lib.manifest_name(name)
+            for filename in sorted(listing):
+                if filename.startswith(f"{name}.") and (
+                        filename != manifest_file):
+                    self._retrying(
+                        "archive", self._url_of(filename), self._archive_file,
+                        filename, target,
+                    )
+            self._archived.add(name)
+        return pending
 
     def mirror(self, local_dir, name, keep_names, timestamps=None):
         """Uploads checkpoint `name`, heals the mirror, then applies

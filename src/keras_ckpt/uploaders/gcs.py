@@ -11,6 +11,11 @@ from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from keras_ckpt.uploaders import base
+from keras_ckpt.uploaders import upload_options as upload_options_lib
+
+# Words in a refusal that point at an encryption key or a policy rather
+# than at plain IAM.
+_POLICY_WORDS = ("kms", "cmek", "encryption", "constraints/")
 
 
 class GCSUploader(base.Uploader):
@@ -27,9 +32,15 @@ class GCSUploader(base.Uploader):
     made a 1 GB upload 3x slower), so a dropped connection resends one
     chunk, not the file.
 
+    A customer-managed key (CMEK), a storage class, custom metadata and
+    requester pays are `GCSUploadOptions`, given as keyword arguments with
+    google-cloud-storage's names; every object the library writes carries
+    them.
+
     Args:
         url: str, `"gs://bucket/prefix"`.
-        **options: see `UploaderOptions`. For GCS, `request_retries`
+        **options: see `UploaderOptions` and `GCSUploadOptions`. For GCS,
+            `request_retries`
             bounds the SDK's own retry of a request to about
             `request_retries * timeout` seconds.
 
@@ -42,6 +53,7 @@ class GCSUploader(base.Uploader):
     """
 
     default_chunk_size = 100 * 1024 * 1024  # the SDK's own default
+    upload_options_class = upload_options_lib.GCSUploadOptions
 
     def __init__(self, url, options=None, **kwargs):
         super().__init__(url, options, **kwargs)
@@ -72,14 +84,33 @@ class GCSUploader(base.Uploader):
                     self._storage_client = storage.Client(project=project)
             return self._storage_client
 
-    def _blob(self, name, chunk_size=None):
-        bucket = self._client().bucket(self.bucket)
-        return bucket.blob(self._key(name), chunk_size=chunk_size)
+    def _bucket(self):
+        return self._client().bucket(
+            self.bucket, user_project=self.upload_options.user_project
+        )
+
+    def _blob(self, name, chunk_size=None, write=False):
+        """The blob `name`; with `write`, one that uploads with the upload
+        options (key, class, metadata)."""
+        if not write:
+            return self._bucket().blob(self._key(name), chunk_size=chunk_size)
+        options = self.upload_options
+        blob = self._bucket().blob(
+            self._key(name), chunk_size=chunk_size,
+            kms_key_name=options.kms_key_name,
+        )
+        if options.storage_class:
+            blob.storage_class = options.storage_class
+        if options.metadata:
+            blob.metadata = options.metadata
+        return blob
 
     def _upload_file(self, local_path, name, progress=None):
         size = os.path.getsize(local_path)
         chunked = size >= self.options.multipart_threshold
-        blob = self._blob(name, self.chunk_size if chunked else None)
+        blob = self._blob(
+            name, self.chunk_size if chunked else None, write=True
+        )
         blob.upload_from_filename(
             local_path, timeout=self.options.timeout, retry=self._request_retry
         )
@@ -101,7 +132,7 @@ class GCSUploader(base.Uploader):
     def _list(self):
         prefix = f"{self.prefix}/" if self.prefix else ""
         blobs = self._client().list_blobs(
-            self.bucket, prefix=prefix, timeout=self.options.timeout,
+            self._bucket(), prefix=prefix, timeout=self.options.timeout,
             retry=self._request_retry,
         )
         return {blob.name[len(prefix):]: int(blob.size) for blob in blobs}
@@ -125,7 +156,7 @@ class GCSUploader(base.Uploader):
     def _write_bytes(self, name, data, if_absent=False):
         try:
             # ifGenerationMatch=0: create only if no live object exists.
-            self._blob(name).upload_from_string(
+            self._blob(name, write=True).upload_from_string(
                 data,
                 if_generation_match=0 if if_absent else None,
                 timeout=self.options.timeout,
@@ -158,17 +189,28 @@ class GCSUploader(base.Uploader):
     def _write_if(self, name, data, version):
         # ifGenerationMatch: 0 creates, <generation> replaces only that one.
         try:
-            self._blob(name).upload_from_string(
+            self._blob(name, write=True).upload_from_string(
                 data, if_generation_match=0 if version is None else version,
                 timeout=self.options.timeout, retry=self._request_retry,
             )
         except api_exceptions.PreconditionFailed:
             return False
         return True
+    def _archive_file(self, name, storage_class):
+        current = self._blob(name)
+        current.reload(timeout=self.options.timeout, retry=self._request_retry)
+        if current.storage_class == storage_class:
+            return
+        # A rewrite onto itself: the destination blob carries the key and
+        # the metadata, so the archived object keeps them.
+        self._blob(name, write=True).update_storage_class(
+            storage_class, timeout=self.options.timeout,
+            retry=self._request_retry,
+        )
 
     def _probe(self):
         blobs = self._client().list_blobs(
-            self.bucket,
+            self._bucket(),
             prefix=f"{self.prefix}/" if self.prefix else "",
             max_results=1,
             timeout=self.options.check_timeout,
@@ -188,6 +230,12 @@ class GCSUploader(base.Uploader):
             return base.NO_BUCKET
         if isinstance(exc, api_exceptions.Unauthorized):
             return base.BAD_CREDENTIALS
+        if isinstance(
+            exc,
+            (api_exceptions.Forbidden, api_exceptions.BadRequest,
+             api_exceptions.PreconditionFailed),
+        ) and any(w in str(exc.message).lower() for w in _POLICY_WORDS):
+            return base.REFUSED
         if isinstance(exc, api_exceptions.Forbidden):
             return base.DENIED
         if isinstance(exc, api_exceptions.GoogleAPICallError):
@@ -229,6 +277,22 @@ class GCSUploader(base.Uploader):
                 "GCS rejected the Google Cloud credentials; refresh them "
                 "(`gcloud auth application-default login`) or check the "
                 "service account key."
+            )
+        if kind == base.REFUSED:
+            return (
+                f"GCS refused the request to bucket `{self.bucket}`: a "
+                "bucket or organization policy or a Cloud KMS key "
+                "permission refused it. Upload options in use: "
+                f"{upload_options_lib.described(self.upload_options)}. If "
+                "the bucket or organization requires a customer-managed key "
+                '(CMEK), set kms_key_name="projects/P/locations/L/keyRings/'
+                'R/cryptoKeys/K"; the project\'s Cloud Storage service agent '
+                "(service-<project number>@gs-project-accounts.iam."
+                "gserviceaccount.com) needs roles/cloudkms."
+                "cryptoKeyEncrypterDecrypter on that key. Pass options to "
+                "keras_ckpt.get_uploader(url, ...), as `--upload-option "
+                f"KEY=VALUE` or in {upload_options_lib.ENV}. Nothing was "
+                "deleted: the local checkpoints are intact."
             )
         if kind == base.DENIED:
             return (

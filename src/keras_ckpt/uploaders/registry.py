@@ -11,7 +11,9 @@ import threading
 import urllib.parse
 
 from keras_ckpt.errors import MissingDependencyError
+from keras_ckpt.uploaders import upload_options as upload_options_lib
 from keras_ckpt.uploaders.base import Uploader
+from keras_ckpt.uploaders.base import UploaderOptions
 
 # scheme -> "module:Class" or an Uploader subclass.
 _REGISTRY = {
@@ -92,20 +94,28 @@ def get_uploader(url, **options):
             `"az://container/prefix"` or `"file:///absolute/path"`; or an
             `Uploader`, returned as is.
         **options: `UploaderOptions` fields (`retries`, `timeout`, ...), or
-            `options=UploaderOptions(...)`.
+            `options=UploaderOptions(...)`; and the store's upload options
+            (`S3UploadOptions`, `GCSUploadOptions`, `AzureUploadOptions`:
+            `ServerSideEncryption`, `kms_key_name`, `encryption_scope`, ...),
+            or `upload_options=S3UploadOptions(...)`. Options in the
+            environment variable `KERAS_CKPT_UPLOAD_OPTIONS` (a JSON object
+            or `KEY=VALUE;KEY=VALUE`) apply underneath these, and so do the
+            CLI's `--upload-option KEY=VALUE` flags.
 
     Returns:
         An `Uploader` instance.
 
     Raises:
-        ValueError: the URL has an unknown scheme or is malformed.
+        ValueError: the URL has an unknown scheme or is malformed, or an
+            option is unknown to the store or has an invalid value.
         MissingDependencyError: the scheme's SDK is not installed; the
             message says which `pip install 'keras-ckpt[...]'` to run.
 
     Example:
 
     ```python
-    uploader = keras_ckpt.get_uploader("s3://my-bucket/run-1", retries=8)
+    uploader = keras_ckpt.get_uploader(
+        "s3://my-bucket/run-1", retries=8, ServerSideEncryption="aws:kms")
     uploader.check()
     ```
     """
@@ -122,7 +132,21 @@ def get_uploader(url, **options):
             'Expected a URL such as "s3://bucket/prefix" or an Uploader.'
         )
     scheme = urllib.parse.urlsplit(url).scheme.lower()
-    return _uploader_class(scheme, url)(url, **options)
+    cls = _uploader_class(scheme, url)
+    defaults, source = upload_options_lib.defaults()
+    for given, fields in (
+        ("options", upload_options_lib.field_names(UploaderOptions)),
+        ("upload_options",
+         upload_options_lib.field_names(cls.upload_options_class)),
+    ):
+        if options.get(given) is not None:  # an object given explicitly
+            defaults = {k: v for k, v in defaults.items() if k not in fields}
+    try:
+        return cls(url, **{**defaults, **options})
+    except ValueError as e:
+        if not defaults:
+            raise
+        raise ValueError(f"{e} (Options for {url} came from {source}.)") from e
 
 
 def known_schemes():

@@ -9,6 +9,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from keras_ckpt.uploaders import base
+from keras_ckpt.uploaders import upload_options as upload_options_lib
 
 _TRANSIENT_CODES = {
     "InternalError", "ServiceUnavailable", "SlowDown", "Throttling",
@@ -21,6 +22,14 @@ _BAD_CREDENTIAL_CODES = {
 }
 _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403"}
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+# An object in GLACIER / DEEP_ARCHIVE that has not been restored.
+_ARCHIVED = "archived"
+# Requests that create an object: they carry the write options.
+_WRITE_OPERATIONS = {"PutObject", "CreateMultipartUpload", "CopyObject"}
+# Requests that a bucket policy or a KMS key can refuse while writing.
+_REFUSABLE_OPERATIONS = _WRITE_OPERATIONS | {
+    "UploadPart", "UploadPartCopy", "CompleteMultipartUpload",
+}
 
 
 class S3Uploader(base.Uploader):
@@ -33,17 +42,25 @@ class S3Uploader(base.Uploader):
     S3-compatible stores. Large files use boto3's managed multipart transfer
     with `max_concurrency` threads.
 
+    Encryption, storage class, tags, ACL, `ExpectedBucketOwner` and
+    requester pays are `S3UploadOptions`, given as keyword arguments with
+    boto3's own names; every object the library writes carries them.
+
     Args:
         url: str, `"s3://bucket/prefix"`.
-        **options: see `UploaderOptions`.
+        **options: see `UploaderOptions` and `S3UploadOptions`.
 
     Example:
 
     ```python
-    uploader = keras_ckpt.get_uploader("s3://my-bucket/runs/1", max_concurrency=16)
+    uploader = keras_ckpt.get_uploader(
+        "s3://my-bucket/runs/1", max_concurrency=16,
+        ServerSideEncryption="aws:kms", SSEKMSKeyId="alias/checkpoints")
     uploader.check()
     ```
     """
+
+    upload_options_class = upload_options_lib.S3UploadOptions
 
     def __init__(self, url, options=None, **kwargs):
         super().__init__(url, options, **kwargs)
@@ -66,8 +83,31 @@ class S3Uploader(base.Uploader):
                     max_pool_connections=max(10, 2 * self.options.max_concurrency),
                 )
                 client = boto3.session.Session().client("s3", config=config)
+                # One hook gives every request its options (upload_file's
+                # ExtraArgs cannot carry BucketKeyEnabled, and multipart
+                # parts, listings and deletes need ExpectedBucketOwner and
+                # RequestPayer too).
+                client.meta.events.register(
+                    "before-parameter-build.s3", self._add_options
+                )
                 self._clients[probe] = client
             return client
+
+    def _add_options(self, params, model, **_):
+        members = model.input_shape.members if model.input_shape else {}
+        extra = self.upload_options.request_args()
+        if model.name in _WRITE_OPERATIONS:
+            extra.update(self.upload_options.write_args())
+            if model.name == "CopyObject":
+                # A copy keeps the source's metadata and tags unless told
+                # to replace them with the (same) configured ones.
+                if "Metadata" in extra:
+                    params.setdefault("MetadataDirective", "REPLACE")
+                if "Tagging" in extra:
+                    params.setdefault("TaggingDirective", "REPLACE")
+        for key, value in extra.items():
+            if key in members:
+                params.setdefault(key, value)
 
     def _transfer_config(self):
         return TransferConfig(
@@ -157,6 +197,19 @@ class S3Uploader(base.Uploader):
                 return False
             raise
         return True
+    def _archive_file(self, name, storage_class):
+        client, key = self._client(), self._key(name)
+        head = client.head_object(Bucket=self.bucket, Key=key)
+        if head.get("StorageClass", "STANDARD") == storage_class:
+            return
+        # A managed copy onto itself (multipart above the threshold, so
+        # files over 5 GB move too); `_add_options` re-applies encryption,
+        # tags and metadata, which a copy would otherwise not keep.
+        client.copy(
+            {"Bucket": self.bucket, "Key": key}, self.bucket, key,
+            ExtraArgs={"StorageClass": storage_class},
+            Config=self._transfer_config(),
+        )
 
     def _probe(self):
         self._client(probe=True).list_objects_v2(
@@ -193,6 +246,14 @@ class S3Uploader(base.Uploader):
                 return base.NO_BUCKET
             if code in _BAD_CREDENTIAL_CODES:
                 return base.BAD_CREDENTIALS
+            if code == "InvalidObjectState":  # a 403 too
+                return _ARCHIVED
+            message = str(exc.response.get("Error", {}).get("Message", ""))
+            if code.startswith("KMS.") or "kms:" in message.lower() or (
+                (code in _DENIED_CODES or status == 403)
+                and getattr(exc, "operation_name", "") in _REFUSABLE_OPERATIONS
+            ):
+                return base.REFUSED
             if code in _DENIED_CODES or status == 403:
                 return base.DENIED
             if code in _NOT_FOUND_CODES:
@@ -226,6 +287,17 @@ class S3Uploader(base.Uploader):
                 "s3:PutObject, s3:DeleteObject (and s3:AbortMultipartUpload) "
                 f"on {self.bucket}/{self.prefix}/*."
             )
+        if kind == base.REFUSED:
+            return self._refused_hint()
+        if kind == _ARCHIVED:
+            return (
+                "The object is in an archive storage class (GLACIER or "
+                "DEEP_ARCHIVE, e.g. by ArchiveStorageClass) and must be "
+                "restored first: `aws s3api restore-object --bucket "
+                f"{self.bucket} --key <key> --restore-request Days=1` for "
+                "its data and index files, then retry once it is restored, "
+                "or use a newer checkpoint."
+            )
         if kind == base.TRANSIENT:
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
                 "AWS_ENDPOINT_URL"
@@ -236,6 +308,39 @@ class S3Uploader(base.Uploader):
                 " and endpoint, or raise the `retries` / `timeout` options."
             )
         return super()._hint(kind)
+
+    def _refused_hint(self):
+        options = self.upload_options
+        if options.ServerSideEncryption in ("aws:kms", "aws:kms:dsse"):
+            key = options.SSEKMSKeyId or "the account's aws/s3 key"
+            fix = (
+                f"Check that the bucket policy accepts this key ({key}) and "
+                "that the credentials have kms:GenerateDataKey and "
+                "kms:Decrypt on it (the key policy must allow them too)."
+            )
+        else:
+            fix = (
+                "If the bucket policy requires SSE-KMS, set "
+                'ServerSideEncryption="aws:kms" and SSEKMSKeyId="<key ARN>" '
+                "(the credentials need kms:GenerateDataKey and kms:Decrypt "
+                'on the key); if it requires SSE-S3, ServerSideEncryption='
+                '"AES256".'
+            )
+        extra = []
+        if options.Tagging:
+            extra.append("s3:PutObjectTagging (for Tagging)")
+        if options.ACL:
+            extra.append("s3:PutObjectAcl (for ACL)")
+        needs = f" and {', '.join(extra)}" if extra else ""
+        return (
+            f"S3 refused the request to bucket `{self.bucket}`: a bucket "
+            "policy or a KMS key permission refused it (or the credentials "
+            f"lack s3:PutObject{needs}). Upload options in "
+            f"use: {upload_options_lib.described(options)}. {fix} Pass them "
+            "to keras_ckpt.get_uploader(url, ...), as `--upload-option "
+            f"KEY=VALUE` or in {upload_options_lib.ENV}. Nothing was deleted:"
+            " the local checkpoints are intact."
+        )
 
 
 def _code(error):
