@@ -37,6 +37,7 @@ import threading
 import traceback
 
 from keras_ckpt import __version__
+from keras_ckpt._format import human_size as _human_size
 from keras_ckpt import manifest as manifest_lib
 from keras_ckpt.errors import CheckpointNotFoundError
 from keras_ckpt.errors import CorruptCheckpointError
@@ -246,14 +247,6 @@ def _quiet(logger_name):
 
 # ---------------------------------------------------------------------------
 # Formatting.
-
-
-def _human_size(size):
-    size = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
 
 
 def _local_time(timestamp, sep="T"):
