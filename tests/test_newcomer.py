@@ -323,3 +323,54 @@ def test_ctrl_c_commits_the_current_batch(tmp_path, subprocess_env):
     assert ckpt.restored.step == infos[0].step
     # Trained on the 50 batches of the epoch once: none twice, none lost.
     assert int(model.optimizer.iterations.numpy()) == 50
+
+
+# --- load_model ------------------------------------------------------------------
+
+
+class Scale(keras.layers.Layer):
+    """A custom layer known only through `custom_objects`."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(), initializer="ones")
+
+    def call(self, x):
+        return x * self.scale
+
+
+@keras.saving.register_keras_serializable(package="NewcomerTest")
+class Shift(keras.layers.Layer):
+    def build(self, input_shape):
+        self.shift = self.add_weight(shape=(), initializer="zeros")
+
+    def call(self, x):
+        return x + self.shift
+
+
+def test_load_model_rebuilds_and_restores_without_the_script(tmp_path, s3_url):
+    model = keras.Sequential([keras.Input((3,)), Scale(), Shift(),
+                              keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(0.01), "mse", metrics=["mae"])
+    ckpt = keras_ckpt.Checkpoint(tmp_path / "c", mirror=s3_url, verbose=0)
+    fit(model, [ckpt], epochs=2)
+    x = data()[0][:4]
+    expected = model.predict(x, verbose=0)
+
+    for source in (tmp_path / "c", s3_url):
+        loaded = keras_ckpt.load_model(source,
+                                       custom_objects={"Scale": Scale})
+        np.testing.assert_array_equal(loaded.predict(x, verbose=0), expected)
+        assert int(loaded.optimizer.iterations.numpy()) == 2 * STEPS
+        assert loaded.loss == "mse"
+        loaded.fit(*data(), batch_size=8, epochs=1, verbose=0)  # fine-tunes
+
+    first = keras_ckpt.load_model(f"{s3_url}/ckpt-{STEPS}", compile=False,
+                                  custom_objects={"Scale": Scale})
+    assert getattr(first, "optimizer", None) is None
+    assert not np.array_equal(first.predict(x, verbose=0), expected)
+
+    with pytest.raises(keras_ckpt.KerasCkptError,
+                       match="Scale.*pass them in `custom_objects`"):
+        keras_ckpt.load_model(tmp_path / "c")
+    with pytest.raises(ValueError, match='checkpoint="best" needs `monitor`'):
+        keras_ckpt.load_model(tmp_path / "c", checkpoint="best")

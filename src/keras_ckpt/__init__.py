@@ -30,6 +30,7 @@ _EXPORTS = {
     "export_saved_model": "keras_ckpt.export",
     "get_uploader": "keras_ckpt.uploaders",
     "list_checkpoints": "keras_ckpt.restoring",
+    "load_model": "keras_ckpt.loading",
     "register_uploader": "keras_ckpt.uploaders",
     "restore": "keras_ckpt.restoring",
 }
@@ -52,6 +53,7 @@ __all__ = [
     "export_saved_model",
     "get_uploader",
     "list_checkpoints",
+    "load_model",
     "register_uploader",
     "restore",
 ]

@@ -637,15 +637,9 @@ def _span(names):
     return f"{names[0]} ... {names[-1]}"
 
 
-_NO_CONFIG = (
-    "the checkpoint was written by a subclassed model without get_config(); "
-    "export from Python with keras_ckpt.export_saved_model"
-)
-
-
 def _cmd_export(args):
-    import keras_ckpt
     from keras_ckpt.export import export_saved_model
+    from keras_ckpt.loading import load_model
 
     if args.layout == "vertex" and args.version is not None:
         raise _UsageError(
@@ -663,20 +657,16 @@ def _cmd_export(args):
     _import_modules(args.imports)
     entry = _select(source, name, args.checkpoint or "latest", args.monitor,
                     args.mode)
-    config = (entry.manifest.metadata or {}).get("model_config")
-    if not config:
+    try:
+        model = load_model(entry.location, compile=False)
+    except KerasCkptError as e:
+        if "custom_objects" not in str(e):
+            raise
         raise KerasCkptError(
-            f"Cannot export {entry.location}: no model config is stored in "
-            f"its manifest; {_NO_CONFIG}."
-        )
-    model = _rebuild(config, entry.location)
-    if not getattr(model, "built", False):
-        raise KerasCkptError(
-            f"The model rebuilt from {entry.location} has no stored input "
-            f"shape, so it cannot be built; {_NO_CONFIG}."
-        )
-    info = keras_ckpt.restore(model, source.restore_source(),
-                              checkpoint=entry.name, optimizer=False)
+            f"{e} On the command line: --import MODULE for the module that "
+            "registers them."
+        ) from None
+    info = entry.manifest
     try:
         path = export_saved_model(model, args.out, layout=args.layout,
                                   version=args.version,
@@ -704,20 +694,6 @@ def _import_modules(modules):
                 f"Cannot import {module!r} (given with --import): {e}. Make "
                 "it importable (PYTHONPATH or the current directory)."
             ) from e
-
-
-def _rebuild(config, location):
-    import keras
-
-    try:
-        return keras.saving.deserialize_keras_object(config)
-    except Exception as e:
-        raise KerasCkptError(
-            f"Could not rebuild the model from the config stored in "
-            f"{location}: {_one_line(e)} If it uses custom classes, pass "
-            "--import MODULE for the module that registers them with "
-            "keras.saving.register_keras_serializable."
-        ) from e
 
 
 def _cmd_prune(args):
