@@ -6,8 +6,31 @@ preempted job on a fresh machine, and exports a servable SavedModel.
 """
 
 import importlib
+import typing
 
 __version__ = "0.1.0"
+
+if typing.TYPE_CHECKING:  # for type checkers, IDEs and the API reference
+    from keras_ckpt.callbacks.checkpoint import Checkpoint
+    from keras_ckpt.callbacks.export import ExportSavedModel
+    from keras_ckpt.errors import CheckpointNotFoundError
+    from keras_ckpt.errors import CheckpointWriteError
+    from keras_ckpt.errors import CorruptCheckpointError
+    from keras_ckpt.errors import ExportExistsError
+    from keras_ckpt.errors import IncompatibleCheckpointError
+    from keras_ckpt.errors import KerasCkptError
+    from keras_ckpt.errors import MissingDependencyError
+    from keras_ckpt.errors import StorageError
+    from keras_ckpt.export import export_saved_model
+    from keras_ckpt.loading import load_model
+    from keras_ckpt.manifest import CheckpointInfo
+    from keras_ckpt.platforms import Platform
+    from keras_ckpt.platforms import detect_platform
+    from keras_ckpt.restoring import list_checkpoints
+    from keras_ckpt.restoring import restore
+    from keras_ckpt.uploaders import Uploader
+    from keras_ckpt.uploaders import get_uploader
+    from keras_ckpt.uploaders import register_uploader
 
 # Public name -> module that defines it. Imported on first use (PEP 562), so
 # that `import keras_ckpt` and the TensorFlow-free CLI commands (`ls`,
