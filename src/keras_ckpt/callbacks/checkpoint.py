@@ -306,8 +306,7 @@ class Checkpoint(distribute.Callback):
         self._check_stateful_siblings(siblings)
         self._tensorboard = next(
             (TensorBoardScalars(c) for c in siblings
-             if type(c).__name__ == "TensorBoard" and hasattr(c, "log_dir")),
-            None)
+             if _is_a(c, ("TensorBoard",)) and hasattr(c, "log_dir")), None)
         self._cluster.begin(
             self.model, log=io_utils.print_msg if self.verbose else None)
         self._writer.check_for_errors()
@@ -385,6 +384,10 @@ class Checkpoint(distribute.Callback):
             self.finalize(logs)
         finally:
             self._end_fit()
+        if self._interrupted:
+            # Ctrl-C after the last batch (e.g. during validation): the final
+            # checkpoint is committed; the interrupt still stops the program.
+            raise KeyboardInterrupt
 
     def _end_fit(self):
         """Undoes what `on_train_begin` installed; also after Ctrl-C."""
@@ -566,8 +569,8 @@ class Checkpoint(distribute.Callback):
 
     def _check_stateful_siblings(self, siblings):
         saved = {id(entry.obj) for entry in self._entries}
-        missing = [c for c in siblings if type(c).__name__ in
-                   _STATEFUL_CALLBACKS and id(c) not in saved]
+        missing = [c for c in siblings if _is_a(c, _STATEFUL_CALLBACKS)
+                   and id(c) not in saved]
         if missing:
             names = ", ".join(type(c).__name__ for c in missing)
             example = ", ".join(
@@ -887,6 +890,12 @@ def _is_int(value):
 
 
 _invalid = _args.invalid
+
+
+def _is_a(callback, class_names):
+    """By class name, so that Keras 3 and tf_keras callbacks (and their
+    subclasses) both match without importing tf_keras."""
+    return any(cls.__name__ in class_names for cls in type(callback).__mro__)
 
 
 def _check_resume(resume):
