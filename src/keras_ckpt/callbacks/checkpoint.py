@@ -498,7 +498,8 @@ class Checkpoint(distribute.Callback):
                 self._saved_step = None
                 self._log(
                     f"keras_ckpt: skipped the save at step {self._step}: "
-                    "the previous checkpoint is still being written.")
+                    "the previous checkpoint is still being written.",
+                    mid_epoch=True)
                 return
         else:
             self._writer.wait_until_finished(self.flush_timeout)
@@ -544,9 +545,12 @@ class Checkpoint(distribute.Callback):
             return f"end of epoch {epoch}{total}"
         return f"epoch {epoch + 1}{total}, batch {batch}"
 
-    def _log(self, message):
+    def _log(self, message, mid_epoch=False):
+        """Prints `message` on a line of its own; `mid_epoch` ends Keras'
+        progress bar line first, when there is one (fit(verbose=1))."""
         if self.verbose:
-            io_utils.print_msg(message)
+            bar = mid_epoch and (self.params or {}).get("verbose") == 1
+            io_utils.print_msg(("\n" if bar else "") + message)
 
     def _check_monitor_logged(self):
         """Keras' warning for a `monitor` missing from the first epoch's logs."""
@@ -618,7 +622,7 @@ class Checkpoint(distribute.Callback):
                 self._save(self._pending or {}, synchronous=True)
             self._writer.wait_until_finished(self.flush_timeout)
             if self.last_saved is not None:
-                self._log(
+                self._log(  # the bar was ended by the SIGINT message
                     f"keras_ckpt: committed {self.last_saved.name} "
                     f"({self._describe_position(self._epoch, self._batch)}) "
                     "before the interrupt; fit() resumes from it.")
@@ -835,12 +839,10 @@ class Checkpoint(distribute.Callback):
     def _handle_preemption(self):
         handler = self._preemption
         start = time.monotonic()
-        if self.verbose:
-            io_utils.print_msg(
-                f"\nkeras_ckpt: preemption notice ({handler.reason}); saving "
-                f"at epoch {self._epoch}, batch {self._batch} with "
-                f"{handler.remaining():.0f} s left."
-            )
+        self._log(
+            f"keras_ckpt: preemption notice ({handler.reason}); saving at "
+            f"{self._describe_position(self._epoch, self._batch)} with "
+            f"{handler.remaining():.0f} s left.", mid_epoch=True)
         try:
             self._writer.wait_until_finished(max(handler.remaining(), 0.1))
             if self._step != self._saved_step:
