@@ -107,7 +107,7 @@ def main():
         # The tests kill this job at steps chosen for a save every
         # `--save-freq` batches only, without the epoch-end saves `monitor`
         # adds by default.
-        save_on_epoch_end=args.save_freq == "epoch",
+        save_on_epoch_end=False,
         async_save=not args.sync, on_preemption=args.on_preemption,
         resume=not args.no_resume, verbose=1,
     )
