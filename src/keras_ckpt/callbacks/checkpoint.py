@@ -22,7 +22,6 @@ from keras_ckpt.errors import IncompatibleCheckpointError
 from keras_ckpt.save_stats import SaveStats
 from keras_ckpt.save_stats import TensorBoardScalars
 
-_RESUME_WORDS = (True, False, "latest", "best")
 _PREEMPTION = ("exit", "stop", None)
 # Keras callbacks whose state decides what training does next; left out of
 # `state=`, a resumed run would start them afresh.
