@@ -687,9 +687,10 @@ class Checkpoint(distribute.Callback):
         if self.verbose:
             io_utils.print_msg(
                 f"keras_ckpt: resumed from {origin}: step {manifest.step}, "
-                f"epoch {manifest.epoch}, batch {manifest.batch}"
+                + self._describe_position(manifest.epoch, manifest.batch)
                 + (f" (skipping the {manifest.batch} batches of epoch "
-                   f"{manifest.epoch} already trained)" if manifest.batch else "")
+                   f"{manifest.epoch + 1} already trained)"
+                   if manifest.batch else "")
             )
 
     def _check_no_newer(self, manifest):
