@@ -37,6 +37,11 @@ class ExportSavedModel(distribute.Callback):
         verbose: 0 or 1. Print which checkpoint (name, step, monitored
             value) was exported, and where. Defaults to 1.
 
+    Attributes:
+        exported_to: str or None, where the last export was written.
+        exported: `CheckpointInfo` or None, the checkpoint it was exported
+            from (None for `source="model"` or without a `Checkpoint`).
+
     Example:
 
     ```python
