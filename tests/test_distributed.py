@@ -352,7 +352,7 @@ def test_multiworker_sigterm_saves_once_for_all(tmp_path, mw_reference, target):
 
     outputs = run_job(tmp_path, 2, args, dirs=dirs, label="resumed")
     for output in outputs:
-        assert "step 14, epoch 1, batch 4" in output, _tail(output)
+        assert "step 14, epoch 2/3, batch 4" in output, _tail(output)
     assert_same_weights(reference, out, 2, f"SIGTERM on {target} at step 13")
 
 

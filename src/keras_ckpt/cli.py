@@ -495,7 +495,9 @@ def _cmd_inspect(args):
     if metadata.get("model_config"):
         _out("Model summary")
         try:
-            model = _rebuild(metadata["model_config"], entry.location)
+            from keras_ckpt.loading import rebuild_model
+
+            model = rebuild_model(m, entry.location, compile=False)
             model.summary(print_fn=lambda text, **_: _out(text.rstrip("\n")))
         except KerasCkptError as e:
             _out(f"  (unavailable: {_one_line(e)})")

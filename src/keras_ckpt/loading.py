@@ -92,12 +92,16 @@ def load_model(source, checkpoint="latest", monitor=None, mode="auto",
             manifest = sources.pick(store.manifests(), name or checkpoint,
                                     retention, store.directory)
             location = store.prefix(manifest.name)
-        model = _rebuild(manifest, location, custom_objects, compile)
+        model = rebuild_model(manifest, location, custom_objects, compile)
         restoring._assign(model, manifest, store, optimizer=compile)
     return model
 
 
-def _rebuild(manifest, location, custom_objects, compile):
+def rebuild_model(manifest, location, custom_objects=None, compile=True):
+    """The model of `manifest`'s stored config, built, weights not restored.
+
+    `location` (the checkpoint's path or URL) is for messages.
+    """
     import keras
 
     config = (manifest.metadata or {}).get("model_config")
