@@ -345,14 +345,14 @@ def test_multiworker_sigterm_saves_once_for_all(tmp_path, mw_reference, target):
         assert "preemption notice (preemption of worker:1)" in outputs[0], \
             _tail(outputs[0])
     for output in outputs:
-        assert "saving at epoch 1, batch 4" in output, _tail(output)
+        assert "saving at epoch 2/3, batch 4" in output, _tail(output)
     assert checkpoint_names(mirror)[-1] == "ckpt-14"
     assert checkpoint_names(dirs[0])[-1] == "ckpt-14"
     assert_nothing_written_by_workers(tmp_path, dirs)
 
     outputs = run_job(tmp_path, 2, args, dirs=dirs, label="resumed")
     for output in outputs:
-        assert "step 14, epoch 1, batch 4" in output, _tail(output)
+        assert "step 14, epoch 2/3, batch 4" in output, _tail(output)
     assert_same_weights(reference, out, 2, f"SIGTERM on {target} at step 13")
 
 

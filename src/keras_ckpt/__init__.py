@@ -5,25 +5,58 @@ background, mirrors each checkpoint to S3, GCS or Azure Blob, resumes a
 preempted job on a fresh machine, and exports a servable SavedModel.
 """
 
+import importlib
+import typing
+
 __version__ = "0.1.0"
 
-from keras_ckpt.callbacks.checkpoint import Checkpoint
-from keras_ckpt.callbacks.export import ExportSavedModel
-from keras_ckpt.errors import (
-    CheckpointNotFoundError,
-    CheckpointWriteError,
-    CorruptCheckpointError,
-    ExportExistsError,
-    IncompatibleCheckpointError,
-    KerasCkptError,
-    MissingDependencyError,
-    StorageError,
-)
-from keras_ckpt.export import export_saved_model
-from keras_ckpt.manifest import CheckpointInfo
-from keras_ckpt.platforms import Platform, detect_platform
-from keras_ckpt.restoring import list_checkpoints, restore
-from keras_ckpt.uploaders import Uploader, get_uploader, register_uploader
+if typing.TYPE_CHECKING:  # for type checkers, IDEs and the API reference
+    from keras_ckpt.callbacks.checkpoint import Checkpoint
+    from keras_ckpt.callbacks.export import ExportSavedModel
+    from keras_ckpt.errors import CheckpointNotFoundError
+    from keras_ckpt.errors import CheckpointWriteError
+    from keras_ckpt.errors import CorruptCheckpointError
+    from keras_ckpt.errors import ExportExistsError
+    from keras_ckpt.errors import IncompatibleCheckpointError
+    from keras_ckpt.errors import KerasCkptError
+    from keras_ckpt.errors import MissingDependencyError
+    from keras_ckpt.errors import StorageError
+    from keras_ckpt.export import export_saved_model
+    from keras_ckpt.loading import load_model
+    from keras_ckpt.manifest import CheckpointInfo
+    from keras_ckpt.platforms import Platform
+    from keras_ckpt.platforms import detect_platform
+    from keras_ckpt.restoring import list_checkpoints
+    from keras_ckpt.restoring import restore
+    from keras_ckpt.uploaders import Uploader
+    from keras_ckpt.uploaders import get_uploader
+    from keras_ckpt.uploaders import register_uploader
+
+# Public name -> module that defines it. Imported on first use (PEP 562), so
+# that `import keras_ckpt` and the TensorFlow-free CLI commands (`ls`,
+# `verify`, `pull`, `push`, `prune`) do not pay for importing TensorFlow.
+_EXPORTS = {
+    "Checkpoint": "keras_ckpt.callbacks.checkpoint",
+    "CheckpointInfo": "keras_ckpt.manifest",
+    "CheckpointNotFoundError": "keras_ckpt.errors",
+    "CheckpointWriteError": "keras_ckpt.errors",
+    "CorruptCheckpointError": "keras_ckpt.errors",
+    "ExportExistsError": "keras_ckpt.errors",
+    "ExportSavedModel": "keras_ckpt.callbacks.export",
+    "IncompatibleCheckpointError": "keras_ckpt.errors",
+    "KerasCkptError": "keras_ckpt.errors",
+    "MissingDependencyError": "keras_ckpt.errors",
+    "Platform": "keras_ckpt.platforms",
+    "StorageError": "keras_ckpt.errors",
+    "Uploader": "keras_ckpt.uploaders",
+    "detect_platform": "keras_ckpt.platforms",
+    "export_saved_model": "keras_ckpt.export",
+    "get_uploader": "keras_ckpt.uploaders",
+    "list_checkpoints": "keras_ckpt.restoring",
+    "load_model": "keras_ckpt.loading",
+    "register_uploader": "keras_ckpt.uploaders",
+    "restore": "keras_ckpt.restoring",
+}
 
 __all__ = [
     "Checkpoint",
@@ -43,6 +76,20 @@ __all__ = [
     "export_saved_model",
     "get_uploader",
     "list_checkpoints",
+    "load_model",
     "register_uploader",
     "restore",
 ]
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'keras_ckpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

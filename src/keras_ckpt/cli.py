@@ -37,12 +37,12 @@ import threading
 import traceback
 
 from keras_ckpt import __version__
+from keras_ckpt._format import human_size as _human_size
 from keras_ckpt import manifest as manifest_lib
 from keras_ckpt.errors import CheckpointNotFoundError
 from keras_ckpt.errors import CorruptCheckpointError
 from keras_ckpt.errors import ExportExistsError
 from keras_ckpt.errors import KerasCkptError
-from keras_ckpt.errors import MissingDependencyError
 
 PROG = "keras-ckpt"
 _FILE_RE = manifest_lib.FILE_RE
@@ -269,14 +269,6 @@ def _quiet(logger_name):
 # Formatting.
 
 
-def _human_size(size):
-    size = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-
-
 def _local_time(timestamp, sep="T"):
     if not timestamp:
         return "-"
@@ -347,10 +339,9 @@ class _Progress:
         try:
             from tqdm import tqdm
         except ImportError:
-            raise MissingDependencyError(
-                "Progress bars need tqdm, which is not installed. Install it "
-                "with: pip install 'keras-ckpt[cli]' (or pass --no-progress)."
-            ) from None
+            # tqdm is a dependency; a stripped-down install still copies,
+            # with the command's summary line as its only progress report.
+            return
         self._bar = tqdm(
             total=total, desc=desc, unit="B", unit_scale=True,
             unit_divisor=1024, file=sys.stderr, dynamic_ncols=True,
@@ -526,7 +517,9 @@ def _cmd_inspect(args):
     if metadata.get("model_config"):
         _out("Model summary")
         try:
-            model = _rebuild(metadata["model_config"], entry.location)
+            from keras_ckpt.loading import rebuild_model
+
+            model = rebuild_model(m, entry.location, compile=False)
             model.summary(print_fn=lambda text, **_: _out(text.rstrip("\n")))
         except KerasCkptError as e:
             _out(f"  (unavailable: {_one_line(e)})")
@@ -669,15 +662,9 @@ def _span(names):
     return f"{names[0]} ... {names[-1]}"
 
 
-_NO_CONFIG = (
-    "the checkpoint was written by a subclassed model without get_config(); "
-    "export from Python with keras_ckpt.export_saved_model"
-)
-
-
 def _cmd_export(args):
-    import keras_ckpt
     from keras_ckpt.export import export_saved_model
+    from keras_ckpt.loading import load_model
 
     if args.layout == "vertex" and args.version is not None:
         raise _UsageError(
@@ -695,20 +682,16 @@ def _cmd_export(args):
     _import_modules(args.imports)
     entry = _select(source, name, args.checkpoint or "latest", args.monitor,
                     args.mode)
-    config = (entry.manifest.metadata or {}).get("model_config")
-    if not config:
+    try:
+        model = load_model(entry.location, compile=False)
+    except KerasCkptError as e:
+        if "custom_objects" not in str(e):
+            raise
         raise KerasCkptError(
-            f"Cannot export {entry.location}: no model config is stored in "
-            f"its manifest; {_NO_CONFIG}."
-        )
-    model = _rebuild(config, entry.location)
-    if not getattr(model, "built", False):
-        raise KerasCkptError(
-            f"The model rebuilt from {entry.location} has no stored input "
-            f"shape, so it cannot be built; {_NO_CONFIG}."
-        )
-    info = keras_ckpt.restore(model, source.restore_source(),
-                              checkpoint=entry.name, optimizer=False)
+            f"{e} On the command line: --import MODULE for the module that "
+            "registers them."
+        ) from None
+    info = entry.manifest
     try:
         path = export_saved_model(model, args.out, layout=args.layout,
                                   version=args.version,
@@ -736,28 +719,6 @@ def _import_modules(modules):
                 f"Cannot import {module!r} (given with --import): {e}. Make "
                 "it importable (PYTHONPATH or the current directory)."
             ) from e
-
-
-def _rebuild(config, location):
-    import keras
-
-    # The config comes from a store: never run code it names (Lambda
-    # layers, arbitrary functions). `safe_mode=True` alone is overridden by
-    # a process-wide `keras.config.enable_unsafe_deserialization()`; the
-    # scope is not. Keras >= 3.14 has no known safe_mode bypass.
-    from keras.src.saving.serialization_lib import SafeModeScope
-
-    try:
-        with SafeModeScope(True):
-            return keras.saving.deserialize_keras_object(
-                config, safe_mode=True)
-    except Exception as e:
-        raise KerasCkptError(
-            f"Could not rebuild the model from the config stored in "
-            f"{location}: {_one_line(e)} If it uses custom classes, pass "
-            "--import MODULE for the module that registers them with "
-            "keras.saving.register_keras_serializable."
-        ) from e
 
 
 def _cmd_prune(args):

@@ -52,6 +52,9 @@ class Committer:
         self._leases = []
         self._down_since = None  # monotonic time the mirror failed
         self.unmirrored = []  # committed locally while the mirror was down
+        # Seconds the last save spent writing locally and uploading, for
+        # `Checkpoint.stats`.
+        self.last_timings = {"write": None, "upload": None}
 
     # -- writer leases --------------------------------------------------
     def begin(self):
@@ -100,11 +103,14 @@ class Committer:
         remote = remote or []
         taken = {m.name for m in remote} | set(self.store.names())
         number = max([int(step)] + [manifest_lib.step_of(n) + 1 for n in taken])
+        start = time.perf_counter()
+        self.last_timings = {"write": None, "upload": None}
         manifest = self.store.write(
             snapshot, step=step, epoch=epoch, batch=batch, metrics=metrics,
             history=history, metadata=metadata,
             name=manifest_lib.checkpoint_name(number),
         )
+        self.last_timings["write"] = time.perf_counter() - start
         try:
             self._confirm_local()
         except Exception:
@@ -130,8 +136,10 @@ class Committer:
             if self.uploader is not None:
                 self.unmirrored.append(manifest.name)
             return manifest, False
+        start = time.perf_counter()
         mirrored = self._mirror(manifest, keep, ordered, kept_local,
                                 remote_names)
+        self.last_timings["upload"] = time.perf_counter() - start
         return manifest, mirrored
 
     def _remote_manifests(self):

@@ -11,13 +11,14 @@ order here is data -> index -> manifest -> pointer, each fsync'ed.
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
-import tensorflow as tf
 
 from keras_ckpt import manifest as manifest_lib
 from keras_ckpt.errors import CheckpointWriteError, CorruptCheckpointError
@@ -100,17 +101,26 @@ class RetentionPolicy:
         return [m.name for m in manifests if m.name in keep - others]
 
 
-class _TensorList(tf.__internal__.tracking.Trackable):
-    """Serializes a fixed list of tensors under keys `00000`, `00001`, ..."""
+@functools.cache
+def _tensor_list_class():
+    # Defined on first use: listing checkpoints (the CLI's ls, verify, pull,
+    # push, prune) must not import TensorFlow.
+    import tensorflow as tf
 
-    def __init__(self, tensors):
-        self._tensors = tensors
+    class _TensorList(tf.__internal__.tracking.Trackable):
+        """Serializes a fixed list of tensors under keys `00000`, `00001`..."""
 
-    def _serialize_to_tensors(self):
-        return {f"{i:05d}": t for i, t in enumerate(self._tensors)}
+        def __init__(self, tensors):
+            self._tensors = tensors
 
-    def _restore_from_tensors(self, restored_tensors):
-        raise NotImplementedError("keras_ckpt reads checkpoints with a reader.")
+        def _serialize_to_tensors(self):
+            return {f"{i:05d}": t for i, t in enumerate(self._tensors)}
+
+        def _restore_from_tensors(self, restored_tensors):
+            raise NotImplementedError(
+                "keras_ckpt reads checkpoints with a reader.")
+
+    return _TensorList
 
 
 def _attr(group):
@@ -212,6 +222,8 @@ class LocalCheckpoints:
                     f"Checkpoint {self.prefix(manifest.name)} is damaged: "
                     + "; ".join(problems)
                 )
+        import tensorflow as tf
+
         try:
             reader = tf.train.load_checkpoint(self.prefix(manifest.name))
             arrays = {
@@ -255,9 +267,11 @@ class LocalCheckpoints:
         # Leftovers of an earlier crashed save: manifest first, so it is
         # never seen complete with the new files.
         self.delete(name)
+        import tensorflow as tf
+
         try:
             trackables = {
-                _attr(group): _TensorList(tensors)
+                _attr(group): _tensor_list_class()(tensors)
                 for group, tensors in snapshot.tensors.items()
             }
             tf.train.Checkpoint(**trackables).write(self.prefix(name))
@@ -378,7 +392,8 @@ _fsync_file = manifest_lib.fsync_file
 
 
 def _describe_error(e):
-    if isinstance(e, tf.errors.OpError):
+    tf = sys.modules.get("tensorflow")  # not imported: not a TF error
+    if tf is not None and isinstance(e, tf.errors.OpError):
         return e.message.splitlines()[0]
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror} ({e.filename or ''})".replace(" ()", "")

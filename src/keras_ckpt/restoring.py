@@ -8,6 +8,7 @@ from keras_ckpt import manager as manager_lib
 from keras_ckpt import sources
 from keras_ckpt import state as state_lib
 from keras_ckpt.errors import CorruptCheckpointError
+from keras_ckpt.errors import IncompatibleCheckpointError
 
 
 def list_checkpoints(source):
@@ -135,8 +136,18 @@ def _assign(model, manifest, store, optimizer):
     training_state = state_lib.TrainingState(model)
     training_state.check_compatible(
         manifest.variables, store.prefix(manifest.name),
-        include_optimizer=restore_optimizer,
+        include_optimizer=False,
     )
+    if restore_optimizer:
+        try:
+            training_state.check_compatible(
+                manifest.variables, store.prefix(manifest.name))
+        except IncompatibleCheckpointError as e:
+            # The weights match: only the optimizer differs.
+            raise IncompatibleCheckpointError(
+                f"{e} The model's weights match; to restore them without the "
+                f"optimizer state, call restore(..., optimizer=False)."
+            ) from None
     # Verified (checksums) when it was chosen or downloaded.
     arrays = store.read_arrays(manifest)
     groups = ["model"] + (["optimizer"] if restore_optimizer else [])

@@ -162,9 +162,11 @@ def pick(manifests, which, retention=None, source=""):
     if which == "best":
         best = retention.best(manifests) if retention else []
         if not best:
+            logged = sorted({k for m in manifests for k in m.metrics})
             raise CheckpointNotFoundError(
                 f"No checkpoint in {source} logged the monitored metric "
-                f"{getattr(retention, 'monitor', None)!r}."
+                f"{getattr(retention, 'monitor', None)!r}; the metrics they "
+                f"logged: {', '.join(logged) or 'none'}."
             )
         return best[0]
     name = which if isinstance(which, str) and which.startswith("ckpt-") else (

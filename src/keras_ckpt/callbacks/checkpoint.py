@@ -1,12 +1,18 @@
 """`keras_ckpt.Checkpoint`: save everything, resume exactly."""
 
+import collections
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 
 from keras.src.utils import io_utils
 
+from keras_ckpt import _args
+from keras_ckpt import _callback_list
 from keras_ckpt import commit as commit_lib
 from keras_ckpt import distribute
 from keras_ckpt import manager as manager_lib
@@ -14,11 +20,18 @@ from keras_ckpt import manifest as manifest_lib
 from keras_ckpt import sources
 from keras_ckpt import state as state_lib
 from keras_ckpt import writer as writer_lib
+from keras_ckpt._format import human_size
+from keras_ckpt.errors import IncompatibleCheckpointError
+from keras_ckpt.save_stats import SaveStats
+from keras_ckpt.save_stats import TensorBoardScalars
 
 logger = logging.getLogger("keras_ckpt")
 
-_RESUME_WORDS = (True, False, "latest", "best")
 _PREEMPTION = ("exit", "stop", None)
+# Keras callbacks whose state decides what training does next; left out of
+# `state=`, a resumed run would start them afresh.
+_STATEFUL_CALLBACKS = ("EarlyStopping", "ReduceLROnPlateau",
+                       "LearningRateScheduler", "ModelCheckpoint")
 PREEMPTED_EXIT_CODE = 143
 
 
@@ -54,12 +67,21 @@ class Checkpoint(distribute.Callback):
             `steps_per_execution` > 1). Defaults to `"epoch"`.
         save_every_seconds: float or None. Also save when this much wall time
             has passed since the last save. Defaults to None.
+        save_on_epoch_end: bool or None. Also save at the end of every epoch
+            when `save_freq` is an int ("every N batches and at each epoch
+            end"). None does so exactly when `monitor` is set, so that the
+            checkpoints `keep_best`, `resume="best"` and
+            `ExportSavedModel(source="best")` rank carry the epoch's metrics
+            (`val_*` metrics exist only at epoch ends). Defaults to None.
         max_to_keep: int or None. Keep the newest N checkpoints (None keeps
             all). Defaults to 3.
         keep_every_n_hours: float or None. Also keep one checkpoint in every
             N-hour window. Defaults to None.
         monitor: str or None. Logged metric (e.g. `"val_loss"`) that ranks
-            checkpoints for `keep_best` and `resume="best"`. Defaults to None.
+            checkpoints for `keep_best` and `resume="best"`. Only checkpoints
+            that logged it are ranked; a metric that is not logged at the
+            first epoch end is warned about, listing the logged names.
+            Defaults to None.
         mode: `"auto"`, `"min"` or `"max"`: whether a lower or a higher
             `monitor` is better. Defaults to `"auto"`.
         keep_best: int. Also keep the best K checkpoints by `monitor`; the
@@ -68,10 +90,13 @@ class Checkpoint(distribute.Callback):
             callbacks (`EarlyStopping`, `ReduceLROnPlateau`,
             `ModelCheckpoint`, `LearningRateScheduler`), objects with
             `get_state()` / `set_state(dict)`, or TF/Keras variables,
-            `tf.random.Generator`s and modules. Defaults to None.
+            `tf.random.Generator`s and modules. One of those Keras callbacks
+            in `fit()`'s list but not here gets a warning at the start of
+            `fit()`: a resumed run would start it afresh. Defaults to None.
         resume: `True`/`"latest"`, `"best"`, `False`, or a path/URL of a
             checkpoint (`.../ckpt-120`) or of a directory to branch from.
-            Defaults to True.
+            A near miss of a word (`"lastest"`) that is no existing path is
+            refused with a suggestion. Defaults to True.
         async_save: bool. Write checkpoints on a background thread; training
             only waits for a snapshot of the state. Defaults to True.
         when_busy: `"wait"` or `"skip"`: what a save does while the previous
@@ -105,8 +130,22 @@ class Checkpoint(distribute.Callback):
             choose `"raise"` where the local disk does not survive the job.
             Either way one log line says what is retried and for how long,
             and another when the mirror answers again.
-        verbose: 0 or 1 (2, True and False are accepted as in Keras). Log
-            each save and what a resume restored. Defaults to 1.
+        save_on_interrupt: bool. On Ctrl-C (SIGINT, a notebook's
+            "interrupt kernel"), commit a checkpoint of the current batch at
+            the next batch boundary, then raise `KeyboardInterrupt`. A second
+            Ctrl-C interrupts at once. Defaults to True.
+        verbose: `"auto"`, 0 or 1 (2, True and False are accepted as in
+            Keras). Log each save (on its own line between Keras' progress
+            bars, at the next epoch start) and what a resume restored.
+            `"auto"` is 1, or 0 when `fit(verbose=0)`. Defaults to `"auto"`.
+
+    Attributes:
+        stats: list of `keras_ckpt.save_stats.SaveStats`, one per committed
+            checkpoint of the current `fit()`: blocking time in the training
+            loop, write time, bytes, upload time and mirror lag. With a
+            `keras.callbacks.TensorBoard` callback in the same `fit()`, they
+            are also written as `keras_ckpt/*` scalars to its `train` run,
+            over the global step.
 
     Example:
 
@@ -141,7 +180,9 @@ class Checkpoint(distribute.Callback):
         preemption_watch=None,
         preemption_poll_interval=5.0,
         on_mirror_error="continue",
-        verbose=1,
+        save_on_epoch_end=None,
+        save_on_interrupt=True,
+        verbose="auto",
     ):
         super().__init__()
         _check_save_freq(save_freq)
@@ -159,26 +200,23 @@ class Checkpoint(distribute.Callback):
             _invalid("max_to_keep", max_to_keep, "a positive int or None")
         if not _is_int(keep_best) or keep_best < 0:
             _invalid("keep_best", keep_best, "a non-negative int")
-        if mode not in ("auto", "min", "max"):
-            _invalid("mode", mode, '"auto", "min" or "max"')
-        if monitor is not None and not isinstance(monitor, str):
+        _args.check_choice("mode", mode, ("auto", "min", "max"))
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
             _invalid("monitor", monitor, "a metric name such as 'val_loss'")
-        if not (
-            isinstance(resume, (str, os.PathLike))
-            or any(resume is w or resume == w for w in _RESUME_WORDS
-                   if not isinstance(w, bool) or isinstance(resume, bool))
-        ):
-            _invalid("resume", resume,
-                     'True, "latest", "best", False, or a checkpoint path/URL')
+        _check_resume(resume)
         if resume == "best" and monitor is None:
             raise ValueError(
                 'Invalid value for argument `resume`. resume="best" needs '
                 "`monitor` (e.g. monitor='val_loss')."
             )
-        if when_busy not in writer_lib.WHEN_BUSY:
-            _invalid("when_busy", when_busy, '"wait" or "skip"')
-        if on_preemption not in _PREEMPTION:
-            _invalid("on_preemption", on_preemption, '"exit", "stop" or None')
+        _args.check_choice("when_busy", when_busy, writer_lib.WHEN_BUSY)
+        _args.check_choice("on_preemption", on_preemption, _PREEMPTION)
+        if save_on_epoch_end is not None and not isinstance(
+                save_on_epoch_end, bool):
+            _invalid("save_on_epoch_end", save_on_epoch_end,
+                     "True, False or None")
+        if not isinstance(save_on_interrupt, bool):
+            _invalid("save_on_interrupt", save_on_interrupt, "True or False")
         _check_optional_positive(
             "preemption_poll_interval", preemption_poll_interval)
         if preemption_watch is not None:
@@ -188,8 +226,8 @@ class Checkpoint(distribute.Callback):
         if on_mirror_error not in commit_lib.ON_MIRROR_ERROR:
             _invalid("on_mirror_error", on_mirror_error,
                      '"continue" or "raise"')
-        if verbose not in (0, 1, 2, True, False):
-            _invalid("verbose", verbose, "0 or 1")
+        if verbose != "auto" and verbose not in (0, 1, 2, True, False):
+            _invalid("verbose", verbose, '"auto", 0 or 1')
         if not isinstance(async_save, bool):
             _invalid("async_save", async_save, "True or False")
 
@@ -201,6 +239,10 @@ class Checkpoint(distribute.Callback):
 
         self.save_freq = save_freq
         self.save_every_seconds = save_every_seconds
+        if save_on_epoch_end is None:
+            save_on_epoch_end = monitor is not None
+        self.save_on_epoch_end = save_on_epoch_end
+        self.save_on_interrupt = save_on_interrupt
         self.monitor = monitor
         self.mode = manager_lib.resolve_mode(monitor, mode)
         self.retention = manager_lib.RetentionPolicy(
@@ -218,7 +260,10 @@ class Checkpoint(distribute.Callback):
         self.preemption_grace_seconds = float(preemption_grace_seconds)
         self.preemption_watch = preemption_watch
         self.preemption_poll_interval = preemption_poll_interval
-        self.verbose = int(verbose)
+        self._verbose_arg = verbose
+        self.verbose = 1 if verbose == "auto" else int(verbose)
+        self.stats = []
+        self._tensorboard = None
         self._entries = state_lib.parse_state_argument(state)
         self.on_mirror_error = on_mirror_error
         self._store = manager_lib.LocalCheckpoints(self.directory)
@@ -253,6 +298,10 @@ class Checkpoint(distribute.Callback):
         self._preemption = None
         self._ended_epoch = None
         self._finalized = False
+        self._monitor_checked = False
+        self._interrupt = None  # the SIGINT handler while fit runs
+        self._interrupted = False
+        self._reports = collections.deque()  # finished saves, to log
 
     @property
     def _training_state(self):
@@ -275,6 +324,14 @@ class Checkpoint(distribute.Callback):
     def on_train_begin(self, logs=None):
         self._reset_run_state()
         self.preempted = False
+        self.stats = []
+        if self._verbose_arg == "auto":
+            self.verbose = 0 if (self.params or {}).get("verbose") == 0 else 1
+        siblings = _callback_list.sibling_callbacks(self)
+        self._check_stateful_siblings(siblings)
+        self._tensorboard = next(
+            (TensorBoardScalars(c) for c in siblings
+             if _is_a(c, ("TensorBoard",)) and hasattr(c, "log_dir")), None)
         self._cluster.begin(
             self.model, log=io_utils.print_msg if self.verbose else None)
         self._writer.check_for_errors()
@@ -286,8 +343,12 @@ class Checkpoint(distribute.Callback):
         self._log_platform()
         self._restore_at_start()
         self._install_preemption()
+        self._install_interrupt()
 
     def on_epoch_begin(self, epoch, logs=None):
+        # Keras' progress bar of the last epoch is finished and the next one
+        # not started: the one place a line does not break it.
+        self._report_saves()
         self._epoch = epoch
         self._batch = 0 if self._skip_until is None else self._batch
         if self._pending_values is not None:
@@ -330,9 +391,9 @@ class Checkpoint(distribute.Callback):
         if self.preempted:
             return
         self._ended_epoch = (epoch, logs)
-        if self.save_freq == "epoch" or self._pending is not None or (
-            self._time_to_save()
-        ):
+        if self.save_freq == "epoch" or self.save_on_epoch_end or (
+            self._pending is not None
+        ) or self._time_to_save():
             self._pending = logs
 
     def _record_epoch(self):
@@ -348,6 +409,20 @@ class Checkpoint(distribute.Callback):
         try:
             self.finalize(logs)
         finally:
+            self._end_fit()
+        if self._interrupted:
+            # Ctrl-C after the last batch (e.g. during validation): the final
+            # checkpoint is committed; the interrupt still stops the program.
+            raise KeyboardInterrupt
+
+    def _end_fit(self):
+        """Undoes what `on_train_begin` installed; also after Ctrl-C."""
+        try:
+            self._report_saves()
+        finally:
+            self._uninstall_interrupt()
+            if self._tensorboard is not None:
+                self._tensorboard.close()
             self._uninstall_preemption()
             self._unpatch_callbacks()
             distribute.clear_initial_epoch(self.model)
@@ -375,6 +450,7 @@ class Checkpoint(distribute.Callback):
             )
             if self._step != self._saved_step:
                 self._save(final_logs, when_busy="wait")
+        self._check_monitor_logged()
         self._writer.wait_until_finished(self.flush_timeout)
         if self._committer.unmirrored:
             logger.warning(
@@ -384,6 +460,7 @@ class Checkpoint(distribute.Callback):
                 ", ".join(self._committer.unmirrored), self.directory,
                 self.uploader.url,
             )
+        self._report_saves()
 
     # ------------------------------------------------------------------
     # Saving
@@ -398,7 +475,10 @@ class Checkpoint(distribute.Callback):
     def _quiet_point(self):
         """A point where no callback is mid-update: save, check, preempt."""
         self._writer.check_for_errors()
+        self._check_monitor_logged()
         self._record_epoch()
+        if self._interrupted:
+            self._handle_interrupt()
         if self._preemption is not None and self._cluster.preemption_due(
             self._preemption, self._step
         ):
@@ -416,6 +496,8 @@ class Checkpoint(distribute.Callback):
         if not self._cluster.writes:  # only the chief writes checkpoints
             self._saved_step = self._step
             return
+        requested = time.perf_counter()
+        report = {}  # filled by the job, logged on the training thread
         snapshot = self._training_state.snapshot()
         position = dict(step=self._step, epoch=self._epoch, batch=self._batch)
         history = {"epochs": list(self._history_epochs),
@@ -424,33 +506,158 @@ class Checkpoint(distribute.Callback):
         self._saved_step = self._step
 
         def job():
-            start = time.perf_counter()
-            manifest, mirrored = self._committer.save(
-                snapshot, metrics=logs, history=history, metadata=metadata,
-                **position,
-            )
-            self.last_saved = manifest
-            if self.verbose:
-                where = f" and {self.uploader.url}" if mirrored else ""
-                io_utils.print_msg(
-                    f"\nkeras_ckpt: saved {manifest.name} (epoch "
-                    f"{manifest.epoch}, batch {manifest.batch}, "
-                    f"{_format_bytes(manifest.total_bytes)}) to "
-                    f"{self.directory}{where} in "
-                    f"{time.perf_counter() - start:.2f} s"
+            try:
+                manifest, mirrored = self._committer.save(
+                    snapshot, metrics=logs, history=history,
+                    metadata=metadata, **position,
                 )
+                self.last_saved = manifest
+                timings = self._committer.last_timings
+                report.update(manifest=manifest, write=timings["write"],
+                              mirrored=mirrored)
+                if mirrored:
+                    report.update(upload=timings["upload"],
+                                  lag=time.perf_counter() - requested)
+            finally:  # a failed save is raised by check_for_errors
+                report["done"] = True
 
         if self.async_save and not synchronous:
             if not self._writer.submit(job, when_busy=when_busy or self.when_busy):
                 self._saved_step = None
-                if self.verbose:
-                    io_utils.print_msg(
-                        f"\nkeras_ckpt: skipped the save at step {self._step}: "
-                        "the previous checkpoint is still being written."
-                    )
+                self._log(
+                    f"keras_ckpt: skipped the save at step {self._step}: "
+                    "the previous checkpoint is still being written.",
+                    mid_epoch=True)
+                return
         else:
             self._writer.wait_until_finished(self.flush_timeout)
             job()
+        report["blocking"] = time.perf_counter() - requested
+        self._reports.append(report)
+
+    def _report_saves(self):
+        """Logs the saves finished since the last call, records their cost
+        in `stats` and writes it to TensorBoard (on the training thread)."""
+        records = []
+        while self._reports and self._reports[0].get("done"):
+            report = self._reports.popleft()
+            if "manifest" not in report or "blocking" not in report:
+                continue
+            manifest = report["manifest"]
+            record = SaveStats(
+                name=manifest.name, step=manifest.step, epoch=manifest.epoch,
+                batch=manifest.batch, bytes=manifest.total_bytes,
+                blocking_seconds=report["blocking"],
+                write_seconds=report["write"],
+                upload_seconds=report.get("upload"),
+                mirror_lag_seconds=report.get("lag"),
+            )
+            records.append(record)
+            where = (f" and {self.uploader.url}" if report.get("mirrored")
+                     else "")
+            self._log(
+                f"keras_ckpt: saved {manifest.name} "
+                f"({self._describe_position(manifest.epoch, manifest.batch)}, "
+                f"{human_size(manifest.total_bytes)}) to {self.directory}"
+                f"{where} in {report['write'] + report.get('upload', 0):.2f} s"
+            )
+        self.stats.extend(records)
+        if self._tensorboard is not None:
+            self._tensorboard.write(records)
+
+    def _describe_position(self, epoch, batch):
+        """Keras' 1-based epoch numbers: "end of epoch 8/8", "epoch 3/8,
+        batch 20"."""
+        epochs = (self.params or {}).get("epochs")
+        total = f"/{epochs}" if epochs else ""
+        if batch == 0 and epoch > 0:
+            return f"end of epoch {epoch}{total}"
+        return f"epoch {epoch + 1}{total}, batch {batch}"
+
+    def _log(self, message, mid_epoch=False):
+        """Prints `message` on a line of its own; `mid_epoch` ends Keras'
+        progress bar line first, when there is one (fit(verbose=1))."""
+        if self.verbose:
+            bar = mid_epoch and (self.params or {}).get("verbose") == 1
+            io_utils.print_msg(("\n" if bar else "") + message)
+
+    def _check_monitor_logged(self):
+        """Keras' warning for a `monitor` missing from the first epoch's logs."""
+        if self.monitor is None or self._monitor_checked:
+            return
+        logs = self._ended_epoch[1] if self._ended_epoch else None
+        if logs is None:
+            return
+        self._monitor_checked = True
+        if self.monitor in logs:
+            return
+        suggestion = _args.suggestion(self.monitor, list(logs))
+        warnings.warn(
+            f"keras_ckpt.Checkpoint ranks checkpoints by metric "
+            f"`{self.monitor}` which is not available. {suggestion}"
+            f"Available metrics are: {','.join(logs)}. keep_best and "
+            f'resume="best" will find no checkpoint that logged it.',
+            stacklevel=2,
+        )
+
+    def _check_stateful_siblings(self, siblings):
+        saved = {id(entry.obj) for entry in self._entries}
+        missing = [c for c in siblings if _is_a(c, _STATEFUL_CALLBACKS)
+                   and id(c) not in saved]
+        if missing:
+            names = ", ".join(type(c).__name__ for c in missing)
+            example = ", ".join(
+                f'"{type(c).__name__.lower()}": ...' for c in missing)
+            warnings.warn(
+                f"keras_ckpt.Checkpoint: {names} in fit()'s callbacks is not "
+                "in `state=`, so a resumed run restarts it from scratch "
+                "(patience, cooldown, best value). Pass it in `state=` "
+                f"(state={{{example}}}) to resume it exactly.",
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------
+    # Ctrl-C
+    # ------------------------------------------------------------------
+    def _install_interrupt(self):
+        if not self.save_on_interrupt or (
+            threading.current_thread() is not threading.main_thread()
+        ) or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return  # only Python's own handler is ours to wrap
+
+        def on_sigint(signum, frame):
+            # A second Ctrl-C interrupts at once, as usual.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._interrupted = True
+            sys.stderr.write(
+                "\nkeras_ckpt: interrupted; saving the current batch before "
+                "stopping (press Ctrl-C again to stop without saving).\n")
+
+        self._interrupt = on_sigint
+        signal.signal(signal.SIGINT, on_sigint)
+
+    def _uninstall_interrupt(self):
+        if self._interrupt is not None:
+            if signal.getsignal(signal.SIGINT) is self._interrupt:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._interrupt = None
+
+    def _handle_interrupt(self):
+        """Commits the current batch, then lets the interrupt propagate."""
+        self._interrupted = False
+        self._uninstall_interrupt()
+        try:
+            if self._step != self._saved_step:
+                self._save(self._pending or {}, synchronous=True)
+            self._writer.wait_until_finished(self.flush_timeout)
+            if self.last_saved is not None:
+                self._log(  # the bar was ended by the SIGINT message
+                    f"keras_ckpt: committed {self.last_saved.name} "
+                    f"({self._describe_position(self._epoch, self._batch)}) "
+                    "before the interrupt; fit() resumes from it.")
+        finally:
+            self._end_fit()
+        raise KeyboardInterrupt
 
     # ------------------------------------------------------------------
     # Resuming
@@ -460,7 +667,7 @@ class Checkpoint(distribute.Callback):
             self.resume, self._store, self.uploader, self.retention
         )
         if found is None:
-            if self.verbose:
+            if self.verbose and self.resume is not False:
                 io_utils.print_msg(
                     f"keras_ckpt: no checkpoint to resume from in "
                     f"{self.directory}; starting from scratch."
@@ -510,9 +717,10 @@ class Checkpoint(distribute.Callback):
         if self.verbose:
             io_utils.print_msg(
                 f"keras_ckpt: resumed from {origin}: step {manifest.step}, "
-                f"epoch {manifest.epoch}, batch {manifest.batch}"
+                + self._describe_position(manifest.epoch, manifest.batch)
                 + (f" (skipping the {manifest.batch} batches of epoch "
-                   f"{manifest.epoch} already trained)" if manifest.batch else "")
+                   f"{manifest.epoch + 1} already trained)"
+                   if manifest.batch else "")
             )
 
     def _check_no_newer(self, manifest):
@@ -669,12 +877,10 @@ class Checkpoint(distribute.Callback):
     def _handle_preemption(self):
         handler = self._preemption
         start = time.monotonic()
-        if self.verbose:
-            io_utils.print_msg(
-                f"\nkeras_ckpt: preemption notice ({handler.reason}); saving "
-                f"at epoch {self._epoch}, batch {self._batch} with "
-                f"{handler.remaining():.0f} s left."
-            )
+        self._log(
+            f"keras_ckpt: preemption notice ({handler.reason}); saving at "
+            f"{self._describe_position(self._epoch, self._batch)} with "
+            f"{handler.remaining():.0f} s left.", mid_epoch=True)
         try:
             self._writer.wait_until_finished(max(handler.remaining(), 0.1))
             if self._step != self._saved_step:
@@ -723,11 +929,27 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _invalid(name, value, expected):
-    raise ValueError(
-        f"Invalid value for argument `{name}`. Received: {name}={value!r}. "
-        f"Expected {expected}."
-    )
+_invalid = _args.invalid
+
+
+def _is_a(callback, class_names):
+    """By class name, so that Keras 3 and tf_keras callbacks (and their
+    subclasses) both match without importing tf_keras."""
+    return any(cls.__name__ in class_names for cls in type(callback).__mro__)
+
+
+def _check_resume(resume):
+    expected = 'True, "latest", "best", False, or a checkpoint path/URL'
+    if isinstance(resume, bool) or resume in ("latest", "best"):
+        return
+    if not isinstance(resume, (str, os.PathLike)):
+        _invalid("resume", resume, expected)
+    text = os.fspath(resume)
+    if "://" in text or os.path.exists(text):
+        return
+    hint = _args.suggestion(text, ("latest", "best"))
+    if hint:  # "lastest" is a typo, not a directory to branch from
+        _invalid("resume", resume, expected, hint)
 
 
 def _check_save_freq(save_freq):
@@ -744,13 +966,6 @@ def _check_optional_positive(name, value):
         value <= 0
     ):
         _invalid(name, value, "a positive number or None")
-
-
-def _format_bytes(size):
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000.0
 
 
 def _to_float(value):

@@ -2,6 +2,7 @@
 
 from keras.src.utils import io_utils
 
+from keras_ckpt import _args
 from keras_ckpt import distribute
 from keras_ckpt import export as export_lib
 from keras_ckpt import state as state_lib
@@ -23,8 +24,9 @@ class ExportSavedModel(distribute.Callback):
             detected platform's model directory (`./export` locally).
         source: `"latest"` (the final checkpoint, i.e. the final weights),
             `"best"` (the best checkpoint by the `Checkpoint` callback's
-            `monitor`), or `"model"` (the in-memory model as is).
-            Defaults to `"latest"`.
+            `monitor`, among those that logged it; `fit()` refuses to start
+            without a monitored `Checkpoint` in the same callbacks), or
+            `"model"` (the in-memory model as is). Defaults to `"latest"`.
         layout: `"auto"` (the detected platform's), `"plain"`, `"sagemaker"`
             or `"vertex"`. Defaults to `"auto"`.
         version: int or None, the numeric version directory for `"plain"`
@@ -32,7 +34,13 @@ class ExportSavedModel(distribute.Callback):
             Defaults to None, meaning 1.
         overwrite: bool, replace an earlier export at the same place (a
             restarted job exports again). Defaults to True.
-        verbose: 0 or 1. Defaults to 1.
+        verbose: 0 or 1. Print which checkpoint (name, step, monitored
+            value) was exported, and where. Defaults to 1.
+
+    Attributes:
+        exported_to: str or None, where the last export was written.
+        exported: `CheckpointInfo` or None, the checkpoint it was exported
+            from (None for `source="model"` or without a `Checkpoint`).
 
     Example:
 
@@ -46,16 +54,10 @@ class ExportSavedModel(distribute.Callback):
     def __init__(self, export_dir=None, source="latest", layout="auto",
                  version=None, overwrite=True, verbose=1):
         super().__init__()
-        if source not in SOURCES:
-            raise ValueError(
-                f"Invalid value for argument `source`. Received: "
-                f"source={source!r}. Expected one of {SOURCES}."
-            )
-        if layout not in LAYOUTS:
-            raise ValueError(
-                f"Invalid value for argument `layout`. Received: "
-                f"layout={layout!r}. Expected one of {LAYOUTS}."
-            )
+        _args.check_choice("source", source, SOURCES)
+        _args.check_choice("layout", layout, LAYOUTS)
+        if verbose not in (0, 1, True, False):
+            _args.invalid("verbose", verbose, "0 or 1")
         from keras_ckpt.platforms import detect_platform
 
         self.platform = detect_platform()
@@ -69,6 +71,19 @@ class ExportSavedModel(distribute.Callback):
         self.overwrite = overwrite
         self.verbose = verbose
         self.exported_to = None
+        self.exported = None  # CheckpointInfo of the exported checkpoint
+
+    def on_train_begin(self, logs=None):
+        if self.source != "best":
+            return
+        checkpoint = _find_checkpoint_callback(self.model)
+        if checkpoint is None or checkpoint.monitor is None:
+            raise ValueError(
+                'ExportSavedModel(source="best") needs a keras_ckpt.Checkpoint '
+                "callback with `monitor` in the same fit() (e.g. "
+                "keras_ckpt.Checkpoint(monitor='val_loss')), to know which "
+                'checkpoint is best. Add one, or use source="latest".'
+            )
 
     def on_train_end(self, logs=None):
         checkpoint = _find_checkpoint_callback(self.model)
@@ -89,14 +104,23 @@ class ExportSavedModel(distribute.Callback):
                     "same fit()."
                 )
             self.exported_to = self._export_best(checkpoint)
+            what = _describe(self.exported, checkpoint.monitor)
         else:
             # "latest" is the final checkpoint, which holds exactly the
             # weights the model has now.
             self.exported_to = self._export(self.model)
+            final = getattr(checkpoint, "last_saved", None)
+            if self.source == "latest" and final is not None:
+                from keras_ckpt import sources
+
+                self.exported = sources.info(final, checkpoint._store)
+                what = _describe(self.exported, checkpoint.monitor)
+            else:
+                what = "the in-memory model"
         if self.verbose:
             io_utils.print_msg(
-                f"keras_ckpt: exported a SavedModel ({self.source}) to "
-                f"{self.exported_to}")
+                f"keras_ckpt: exported {what} ({self.source}) as a "
+                f"SavedModel to {self.exported_to}")
 
     def _export(self, model):
         return export_lib.export_saved_model(
@@ -110,6 +134,7 @@ class ExportSavedModel(distribute.Callback):
         store = checkpoint._store
         manifest = sources.pick(store.manifests(), "best",
                                 checkpoint.retention, store.directory)
+        self.exported = sources.info(manifest, store)
         training_state = state_lib.TrainingState(self.model)
         current = [v.numpy() for v in self.model.variables]
         arrays = store.read_arrays(manifest, verify=True)
@@ -120,6 +145,12 @@ class ExportSavedModel(distribute.Callback):
             # Hand the model back to the user with its final weights.
             for variable, value in zip(self.model.variables, current):
                 variable.assign(value)
+
+
+def _describe(info, monitor):
+    value = info.metrics.get(monitor) if monitor else None
+    metric = f", {monitor}={value:.6g}" if isinstance(value, float) else ""
+    return f"{info.name} (step {info.step}{metric})"
 
 
 def _find_checkpoint_callback(model):
