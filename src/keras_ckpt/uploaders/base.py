@@ -198,7 +198,7 @@ class Uploader:
         self.options, self.upload_options = upload_options_lib.resolve(
             type(self), UploaderOptions, options, upload_options, kwargs
         )
-        self._manifests = {}  # name -> (manifest size, Manifest)
+        self._manifests = {}  # manifest file -> (size, bytes)
         self._archived = set()  # checkpoints already moved by `archive()`
         self.scheme, self.bucket, self.prefix = self._parse_url(url)
         self.url = self._format_url()
@@ -777,36 +777,26 @@ class Uploader:
     def complete_manifests(self):
         """Manifests of the checkpoints complete on the store, oldest first.
 
-        A checkpoint is complete when its manifest is there and every file
-        it lists has the listed size. Manifests are read once and cached
-        (a committed manifest never changes: it is deleted before its
-        checkpoint is replaced). An unreadable manifest is skipped with a
-        warning.
+        `listing()` restricted to complete checkpoints, with each manifest's
+        bytes read once and cached across calls (a committed manifest never
+        changes in place: it is deleted before its checkpoint is replaced,
+        and a different size means a different manifest).
         """
-        listing = self.list_files()
+        sizes = self.list_files()
         cache = self._manifests
-        result = []
-        for name in manifest_lib.names_from_listing(listing):
-            size = listing[manifest_lib.manifest_name(name)]
-            cached = cache.get(name)
-            if cached is None or cached[0] != size:
-                data = self.read_bytes(manifest_lib.manifest_name(name))
-                if data is None:  # deleted since the listing
-                    continue
-                try:
-                    manifest = manifest_lib.Manifest.from_json(
-                        data, source=self._url_of(
-                            manifest_lib.manifest_name(name)))
-                except CorruptCheckpointError as e:
-                    logger.warning("keras_ckpt: skipping %s: %s",
-                                   self._url_of(name), e)
-                    continue
-                cached = cache[name] = (size, manifest)
-            if not manifest_lib.size_problems(cached[1], listing):
-                result.append(cached[1])
-        for name in set(cache) - set(manifest_lib.names_from_listing(listing)):
-            del cache[name]
-        return result
+
+        def read(filename):
+            size, cached = cache.get(filename, (None, None))
+            if cached is None or size != sizes.get(filename):
+                cached = self.read_bytes(filename)
+                if cached is not None:
+                    cache[filename] = (sizes.get(filename), cached)
+            return cached
+
+        listed = manifest_lib.list_store(sizes, read, self.url)
+        for filename in set(cache) - set(sizes):
+            del cache[filename]
+        return [entry.manifest for entry in listed if entry.complete]
 
     def delete_checkpoint(self, name):
         """Deletes a remote checkpoint: manifest first, then its files.
@@ -911,7 +901,7 @@ class Uploader:
             )
         self.upload_checkpoint(local_dir, name)
         complete = {m.name for m in self.complete_manifests()}
-        local = set(_local_complete_names(local_dir))
+        local = {m.name for m in _local_complete(local_dir)}
         for other in keep_names:
             if other in complete:
                 continue
