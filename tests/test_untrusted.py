@@ -504,7 +504,8 @@ def test_case4_one_malformed_manifest_breaks_nothing(store, capsys, crafted,
         run_cli(capsys, "export", store, tmp_path / "export", codes=(0,))
         assert (tmp_path / "export" / "1" / "saved_model.pb").exists()
     run_cli(capsys, "prune", store, "--keep", "1", codes=(0,))
-    assert sorted(p.name for p in store.glob("*.json")) == [
+    # (The writer lease, `.keras_ckpt-writer.json`, is not a checkpoint.)
+    assert sorted(p.name for p in store.glob("ckpt-*.json")) == [
         "ckpt-10.json", "ckpt-8.json"]
 
 
@@ -528,23 +529,27 @@ def test_case9_resume_falls_back_past_a_corrupt_latest(store, caplog,
     assert "CRC32C" in warnings[0]
     caplog.clear()
 
-    # Through fit(): resumes from ckpt-6 and rewrites ckpt-8 intact.
+    # Through fit(): resumes from ckpt-6; step 8 is saved again as ckpt-9
+    # (numbered after every checkpoint the directory holds), and the
+    # damaged ckpt-8 is left for `keras-ckpt verify` to show.
     model = make_model()
     with caplog.at_level(logging.WARNING, logger="keras_ckpt"):
         fit(model, store, epochs=2)
     warnings = [r.getMessage() for r in caplog.records
                 if "damaged" in r.getMessage()]
     assert len(warnings) == 1 and "ckpt-8" in warnings[0]
-    run_cli(capsys, "verify", store, codes=(0,))
-    assert keras_ckpt.list_checkpoints(store)[-1].name == "ckpt-8"
+    _, out, err = run_cli(capsys, "verify", store, codes=(1,))
+    assert "ckpt-8" in err and "ckpt-9" not in err
+    latest = keras_ckpt.list_checkpoints(store)[-1]
+    assert (latest.name, latest.step, latest.complete) == ("ckpt-9", 8, True)
 
     # restore("latest") falls back too; a named corrupt one raises.
-    corrupt(store / "ckpt-8.data-00000-of-00001")
+    corrupt(store / "ckpt-9.data-00000-of-00001")
     model = make_model()
     assert keras_ckpt.restore(model, store).name == "ckpt-6"
     for got, want in zip(model.get_weights(), expected):
         np.testing.assert_array_equal(got, want)
-    with pytest.raises(keras_ckpt.CorruptCheckpointError, match="ckpt-8"):
+    with pytest.raises(keras_ckpt.CorruptCheckpointError, match="ckpt-9"):
         keras_ckpt.restore(make_model(), store, checkpoint=8)
 
 

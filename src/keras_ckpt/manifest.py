@@ -326,16 +326,18 @@ def _validated(data, expected_name):
     name = data.get("name")
     step = step_of(name)
     if step is None:
-        raise _Invalid(f"`name` is {_short(name)}, expected ckpt-<step>")
+        raise _Invalid(f"`name` is {_short(name)}, expected ckpt-<N>")
     if expected_name is not None and name != expected_name:
         raise _Invalid(f"`name` is {name!r} but the file is "
                        f"{manifest_name(expected_name)}")
     fields = {"name": name, "format": fmt}
     for field in ("step", "epoch", "batch"):
         fields[field] = _count(data, field)
-    if fields["step"] != step:
-        raise _Invalid(f"`step` is {fields['step']}, but the name {name} "
-                       f"says {step}")
+    # N in ckpt-<N> is the commit order: the global step, or more for a
+    # branch's checkpoints, numbered after the abandoned run's (concepts.md).
+    if fields["step"] > step:
+        raise _Invalid(f"`step` is {fields['step']}, more than the number "
+                       f"of its name {name}")
     timestamp = data.get("timestamp")
     if not _is_number(timestamp) or not 0 <= timestamp <= _MAX_TIMESTAMP:
         raise _Invalid(f"`timestamp` is {_short(timestamp)}, expected a "

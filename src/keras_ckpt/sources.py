@@ -169,9 +169,20 @@ def pick(manifests, which, retention=None, source=""):
                 f"logged: {', '.join(logged) or 'none'}."
             )
         return best[0]
-    name = which if isinstance(which, str) and which.startswith("ckpt-") else (
-        manifest_lib.checkpoint_name(which)
-    )
+    if isinstance(which, str) and which.isascii() and which.isdigit():
+        which = int(which)  # the CLI's --checkpoint STEP
+    if isinstance(which, int) and not isinstance(which, bool):
+        # A global step. After a branch two checkpoints can hold the same
+        # step (the abandoned run's and the branch's): the newest commit,
+        # as "latest" would.
+        at_step = [m for m in manifests if m.step == which]
+        if at_step:
+            return at_step[-1]
+        raise CheckpointNotFoundError(
+            f"No complete checkpoint at step {which} in {source}; complete "
+            "ones: " + ", ".join(f"{m.name} (step {m.step})" for m in manifests)
+        )
+    name = str(which)
     for manifest in manifests:
         if manifest.name == name:
             return manifest
