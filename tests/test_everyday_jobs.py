@@ -56,8 +56,9 @@ def test_job_killed_and_resumed_is_bitwise_exact(tmp_path, job):
     second = run(args)
     assert second.returncode == 0, f"{context}\n{second.stderr[-3000:]}"
     assert "keras_ckpt: resumed from" in second.stdout, context
-    assert "cannot guarantee an exact resume" not in second.stderr, (
-        f"{context}: {second.stderr[-2000:]}")
+    # Only a generator's order cannot be checked: that resume says so.
+    warned = "cannot guarantee an exact resume" in second.stderr
+    assert warned == (job == "generator"), f"{context}: {second.stderr[-2000:]}"
 
     ref_arrays, ref_meta = load(str(tmp_path / "ref.npz"))
     got_arrays, got_meta = load(str(tmp_path / "run.npz"))
