@@ -200,6 +200,36 @@ def test_mirrored_sigkill_and_resume_is_bitwise_exact(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("written_on,resumed_on", [(2, 1), (1, 2)])
+def test_mirrored_checkpoint_resumes_on_another_number_of_devices(
+        tmp_path, written_on, resumed_on):
+    """Same global batch on 2 devices and on 1: the checkpoint restores and
+    training continues from the same batch, and the run says that only the
+    arithmetic differs (per-replica gradient sums round differently, so the
+    end is close, not bitwise)."""
+    args = ["--save-freq", "4"]
+    reference = str(tmp_path / "reference")
+    run_single(["--dir", str(tmp_path / "ref-ckpt"), "--out", reference,
+                "--replicas", str(written_on), *args])
+    directory, resumed = str(tmp_path / "ckpt"), str(tmp_path / "resumed")
+    first = run_single(["--dir", directory, "--out", resumed, "--kill-at-step",
+                        "14", "--replicas", str(written_on), *args],
+                       check=False)
+    assert first.returncode == -signal.SIGKILL, _tail(first.stderr)
+    second = run_single(["--dir", directory, "--out", resumed, "--replicas",
+                         str(resumed_on), *args])
+    assert "batch 2 (skipping the 2 batches" in second.stdout, second.stdout
+    assert "another number of local replicas" in second.stderr, (
+        _tail(second.stderr))
+    ref_arrays, ref_meta = load(reference)
+    got_arrays, got_meta = load(resumed)
+    far = [k for k in ref_arrays if not np.allclose(
+        ref_arrays[k], got_arrays[k], rtol=1e-3, atol=1e-5)]
+    assert not far, f"{written_on} -> {resumed_on} devices: {far}"
+    assert got_meta["epochs"] == ref_meta["epochs"]
+
+
+@pytest.mark.slow
 # 17 resumes mid-epoch; 25 resumes at the epoch boundary right after
 # ReduceLROnPlateau halved the LR (tf_keras keeps the LR variable outside
 # `optimizer.variables`: it must still be saved).

@@ -42,7 +42,9 @@ def load(out):
 @pytest.mark.parametrize("job", JOBS)
 def test_job_killed_and_resumed_is_bitwise_exact(tmp_path, job):
     last = 3 * 4 if job == "repeat" else TOTAL_STEPS
-    kill_at = random.Random(f"{SEED}-{job}").randint(3, last - 2)
+    # After epoch 0, where what carries across epochs (reshuffles, a
+    # repeat()ed iterator, Python's RNG) matters.
+    kill_at = random.Random(f"{SEED}-{job}").randint(7, last - 2)
     context = f"{job}: SIGKILL at step {kill_at} (KERAS_CKPT_TEST_SEED={SEED})"
     ref = run(["--job", job, "--dir", str(tmp_path / "ref"),
                "--out", str(tmp_path / "ref.npz")])

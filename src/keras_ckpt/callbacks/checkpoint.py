@@ -355,6 +355,10 @@ class Checkpoint(distribute.Callback):
             self._unpatch_callbacks()
             distribute.clear_initial_epoch(self.model)
             self._restore_train_function()
+            if self._fit_iterator is not None:
+                compat.unwrap_epoch_batches(self._fit_iterator)
+                self._fit_iterator = None
+            self._data = state_lib.DataPosition()  # drops the iterators
             self._cluster.end(
                 getattr(self.last_saved, "name", None), self.flush_timeout)
 
