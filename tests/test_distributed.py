@@ -218,7 +218,7 @@ def test_mirrored_checkpoint_resumes_on_another_number_of_devices(
     assert first.returncode == -signal.SIGKILL, _tail(first.stderr)
     second = run_single(["--dir", directory, "--out", resumed, "--replicas",
                          str(resumed_on), *args])
-    assert "batch 2 (skipping the 2 batches" in second.stdout, second.stdout
+    assert "(skipping the" in second.stdout, second.stdout  # mid-epoch
     assert "another number of local replicas" in second.stderr, (
         _tail(second.stderr))
     ref_arrays, ref_meta = load(reference)

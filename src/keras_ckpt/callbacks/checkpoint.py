@@ -643,12 +643,10 @@ class Checkpoint(distribute.Callback):
                 "reading them). Fix: use a `keras.utils.PyDataset` or a "
                 "tf.data pipeline with seeded randomness."
             )
-        replicas = {len(s) for g, s in manifest.variables.items()
-                    if g == "metrics/replicas"}
-        live = self._training_state.specs().get("metrics/replicas", [])
-        if manifest.batch > 0 and (replicas or live) and (
-            len(manifest.variables.get("metrics/replicas", [])) != len(live)
-        ):
+        saved_copies = len(manifest.variables.get("metrics/replicas", []))
+        live_copies = len(
+            self._training_state.specs().get("metrics/replicas", []))
+        if manifest.batch > 0 and saved_copies != live_copies:
             _warn_inexact(
                 "the checkpoint was written with another number of local "
                 "replicas than this run has: the interrupted epoch's running "
