@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 import keras_ckpt
+from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks import checkpoint as checkpoint_lib
 
 _spec = importlib.util.spec_from_file_location(
@@ -125,3 +126,41 @@ def test_csv_rows_of_resumed_epochs_are_dropped_byte_for_byte(tmp_path):
     assert path.read_bytes() == text.rsplit("2,0.3", 1)[0].encode()
     checkpoint_lib._drop_rows_from(str(path), ",", 0)
     assert path.read_bytes() == b"epoch,loss,val_loss\r\n"
+
+
+class _Crash(keras.callbacks.Callback):
+    def __init__(self, at_step):
+        super().__init__()
+        self.at_step, self.steps = at_step, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        if self.steps == self.at_step:
+            raise RuntimeError("crash")
+
+
+def test_checkpoint_without_data_position_still_resumes_exactly(
+        tmp_path, monkeypatch):
+    """A mid-epoch checkpoint of an older keras_ckpt (no data position):
+    the epoch's trained batches are drawn again, as before."""
+    x, y = _data()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+
+    def model():
+        keras.utils.set_random_seed(5)
+        return everyday.dense_model()
+
+    reference = model()
+    reference.fit(ds, epochs=2, verbose=0)
+    with monkeypatch.context() as patch:
+        patch.setattr(state_lib.DataPosition, "get_state",
+                      lambda self, batch: None)
+        with pytest.raises(RuntimeError, match="crash"):
+            model().fit(ds, epochs=2, verbose=0,
+                        callbacks=[_ckpt(tmp_path), _Crash(9)])
+    resumed = model()
+    ckpt = _ckpt(tmp_path)
+    resumed.fit(ds, epochs=2, verbose=0, callbacks=[ckpt])
+    assert (ckpt.restored.epoch, ckpt.restored.batch) == (1, 2)
+    for a, b in zip(reference.variables, resumed.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

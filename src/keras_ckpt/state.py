@@ -602,6 +602,11 @@ class DataPosition:
         resume, self.resume = self.resume, None
         if resume is not None and resume.get("kind") != self.kind:
             resume = None  # another input form than the saved run's
+        if resume is None and skip_batches:
+            # No data position (a checkpoint of an older keras_ckpt, or of
+            # another input form): draw the epoch's trained batches again.
+            resume = {"before": self.iterators, "offset": skip_batches,
+                      "total": skip_batches}
         if resume is not None and self.kind == "tf.data" and self.reshuffles:
             dataset = compat.epoch_dataset(self.epoch_iterator)
             for _ in range(int(resume["before"]) - self.iterators):
