@@ -76,11 +76,25 @@ def test_running_epoch_iterator_and_wrapping_hides_steps():
     model = _model()
     model.fit(*_data(), batch_size=4, epochs=1, verbose=0, callbacks=[probe])
     assert seen["iterator"] is not None
-    assert compat.epoch_dataset(seen["iterator"]) is not None
     assert probe.batches == [1, 2]  # step 0 hidden from every callback
     assert int(model.optimizer.iterations.numpy()) == 2
     compat.unwrap_epoch_batches(seen["iterator"])
     assert "_enumerate_iterator" not in vars(seen["iterator"])
+
+
+def test_watch_iterator_creation_counts_what_fit_creates():
+    created = []
+
+    def on_begin(epoch_iterator):
+        compat.watch_iterator_creation(epoch_iterator, created.append)
+        compat.create_data_iterator(epoch_iterator)  # counted too
+
+    ds = tf.data.Dataset.from_tensor_slices(_data()).batch(4)
+    _model().fit(ds, epochs=2, verbose=0, callbacks=[_Probe(on_begin)])
+    # Keras creates one iterator per epoch plus one when an epoch used up a
+    # finite input: a reshuffling shuffle's seed advances with each.
+    assert len(created) == 1 + 2 * 2
+    assert all(isinstance(i, tf.data.Iterator) for i in created)
 
 
 def test_current_data_iterator_persists_with_steps_per_epoch():

@@ -78,7 +78,35 @@ def wrap_epoch_batches(epoch_iterator, wrapper):
 
 
 def unwrap_epoch_batches(epoch_iterator):
-    epoch_iterator.__dict__.pop("_enumerate_iterator", None)
+    for name in ("_enumerate_iterator", "_get_iterator"):
+        epoch_iterator.__dict__.pop(name, None)
+
+
+def watch_iterator_creation(epoch_iterator, on_iterator):
+    """Calls `on_iterator(iterator)` for every data iterator `fit` creates.
+
+    Keras creates them with `iter(self._get_iterator())`: one per epoch, and
+    one more at the end of an epoch that used up a finite input (kept for
+    the next epoch only with `steps_per_epoch`). Each one advances the seed
+    of a reshuffling tf.data `shuffle`, so they are counted.
+    """
+    original = type(epoch_iterator)._get_iterator.__get__(epoch_iterator)
+
+    class _Watched:
+        def __init__(self, source):
+            self.source = source
+
+        def __iter__(self):
+            iterator = iter(self.source)
+            on_iterator(iterator)
+            return iterator
+
+    epoch_iterator._get_iterator = lambda: _Watched(original())
+
+
+def create_data_iterator(epoch_iterator):
+    """A new data iterator, created as `fit` creates one."""
+    return iter(epoch_iterator._get_iterator())
 
 
 def current_data_iterator(epoch_iterator):
@@ -87,11 +115,6 @@ def current_data_iterator(epoch_iterator):
     if epoch_iterator.steps_per_epoch is None:
         return None
     return epoch_iterator._current_iterator
-
-
-def epoch_dataset(epoch_iterator):
-    """The (possibly distributed) dataset each epoch's iterator comes from."""
-    return getattr(epoch_iterator, "_distributed_dataset", None)
 
 
 # ---------------------------------------------------------------------------

@@ -517,10 +517,11 @@ class DataPosition:
     epoch, or one kept across epochs when `steps_per_epoch` is given (e.g.
     `ds.repeat()`). What decides the next batch is therefore:
 
-    - how many iterators of the dataset were created before the one the next
-      batch comes from: a tf.data `shuffle(..., seed=s)` reshuffles with every
-      new iterator (`reshuffle_each_iteration=True`, the default), so the
-      resumed run creates (and drops) as many first;
+    - how many iterators of the dataset `fit` created before the one the
+      next batch comes from (one per epoch, plus one at the end of an epoch
+      that used up a finite input): a tf.data `shuffle(..., seed=s)`
+      reshuffles with every new iterator (`reshuffle_each_iteration=True`,
+      the default), so the resumed run creates (and drops) as many first;
     - how far that iterator is: restored from its saved state when tf.data
       can serialize it (O(1): no batch is read again), else replayed by
       pulling the batches again (exact when the input is deterministic);
@@ -536,22 +537,30 @@ class DataPosition:
         self.epoch_iterator = None
         self.kind = None
         self.reshuffles = False
-        self.iterator = None
-        self.iterators = 0  # iterators of the dataset seen this fit
+        self.created = 0  # data iterators fit created (see `attach`)
+        self.last_created = None  # (iterator, its number among `created`)
+        self.iterator = None  # the one the last trained batch came from
+        self.iterator_number = 0
         self.offset = 0  # batches trained from `self.iterator`
         self.total = 0  # batches trained in all (a generator's position)
         self.epoch_rng = None
         self.resume = None  # decoded state to seek to, once
 
     def attach(self, epoch_iterator):
+        """Follows `fit`'s `EpochIterator`; returns its tf.data shuffles."""
         from keras_ckpt import _keras_compat as compat
 
         self.epoch_iterator = epoch_iterator
         self.kind = compat.input_kind(epoch_iterator)
+        compat.watch_iterator_creation(epoch_iterator, self._created)
         dataset = compat.user_dataset(epoch_iterator)
         shuffles = compat.dataset_shuffles(dataset) if dataset is not None else []
         self.reshuffles = any(reshuffles for _, reshuffles in shuffles)
         return shuffles
+
+    def _created(self, iterator):
+        self.created += 1
+        self.last_created = (iterator, self.created)
 
     def on_epoch_begin(self):
         from keras_ckpt import _keras_compat as compat
@@ -568,19 +577,25 @@ class DataPosition:
         if self.epoch_iterator is None:
             return None
         if self.epoch_iterator.steps_per_epoch is not None:
-            nxt = compat.current_data_iterator(self.epoch_iterator)
-            same = nxt is not None and nxt is self.iterator
-        else:
-            same = batch_in_epoch > 0 and self.iterator is not None
+            upcoming = compat.current_data_iterator(self.epoch_iterator)
+        else:  # a new iterator every epoch
+            upcoming = self.iterator if batch_in_epoch > 0 else None
+        before, offset = self.created, 0  # a new one will be created
+        if upcoming is not None and upcoming is self.iterator:
+            before, offset = self.iterator_number - 1, self.offset
+        elif upcoming is not None and self.last_created is not None and (
+            upcoming is self.last_created[0]
+        ):
+            before = self.last_created[1] - 1
         state = {
             "kind": self.kind,
-            "before": max(self.iterators - 1, 0) if same else self.iterators,
-            "offset": self.offset if same else 0,
+            "before": before,
+            "offset": offset,
             "total": self.total,
             "rng": self.epoch_rng if batch_in_epoch > 0 and self.epoch_rng
             else compat.global_rng_states(),
         }
-        if same and self.offset and self.kind == "tf.data":
+        if offset and self.kind == "tf.data":
             saved = compat.save_iterator(self.iterator)
             if saved is not None:
                 state["iterator"] = np.frombuffer(saved, dtype=np.uint8)
@@ -605,18 +620,23 @@ class DataPosition:
         if resume is None and skip_batches:
             # No data position (a checkpoint of an older keras_ckpt, or of
             # another input form): draw the epoch's trained batches again.
-            resume = {"before": self.iterators, "offset": skip_batches,
+            resume = {"before": self.created, "offset": skip_batches,
                       "total": skip_batches}
-        if resume is not None and self.kind == "tf.data" and self.reshuffles:
-            dataset = compat.epoch_dataset(self.epoch_iterator)
-            for _ in range(int(resume["before"]) - self.iterators):
-                iter(dataset)  # advances the shuffle's seed like the old run
-            self.iterators = int(resume["before"])
+        if resume is not None:
+            before = int(resume["before"])
+            if self.kind == "tf.data" and self.reshuffles:
+                while self.created < before:
+                    # Advances the shuffle's seed as the interrupted run did.
+                    compat.create_data_iterator(self.epoch_iterator)
+            self.created = max(self.created, before)
         sought = resume is None
         for begin, end, iterator in enumerate_epoch:
             if iterator is not self.iterator:
                 self.iterator, self.offset = iterator, 0
-                self.iterators += 1
+                known = self.last_created is not None and (
+                    self.last_created[0] is iterator)
+                self.iterator_number = (
+                    self.last_created[1] if known else self.created)
             if not sought:
                 sought = True
                 on_seek(self._seek(iterator, resume))
@@ -630,12 +650,9 @@ class DataPosition:
         from keras_ckpt import _keras_compat as compat
 
         self.total = int(resume["total"])
-        if self.kind == "generator":
-            count = self.total  # one stream for the whole fit
-        else:
-            count = int(resume["offset"])
-            self.iterators = int(resume["before"]) + 1
         self.offset = int(resume["offset"])
+        # A generator is one stream for the whole fit.
+        count = self.total if self.kind == "generator" else self.offset
         state = resume.get("iterator")
         if state is not None and self.kind == "tf.data":
             compat.restore_iterator(iterator, np.asarray(state).tobytes())
