@@ -16,7 +16,8 @@ For a tiny model trained on a tf.data pipeline (`range -> map -> batch`) of
     python benchmarks/resume.py --batches 2000 --at 100,1900 --replay
     python benchmarks/resume.py --map-cost 200        # a costlier map (more work per batch)
 
-Prints a table (seconds, and the checkpoint's data-position bytes) and, with
+Prints a table (the fastest of `--repeats` runs, in seconds, and the
+checkpoint's data-position bytes) and, with
 `--json PATH`, writes it.
 """
 
@@ -40,6 +41,8 @@ def parse_args():
                    help="also measure the resume without iterator state")
     p.add_argument("--map-cost", type=int, default=20,
                    help="matmuls per element in the map (input cost)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs per row; the fastest is reported")
     p.add_argument("--json")
     p.add_argument("--child", choices=["prepare", "measure"],
                    help=argparse.SUPPRESS)
@@ -72,17 +75,24 @@ def child(args):
     ds = tf.data.Dataset.range(args.batches * 4).map(work).batch(4)
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")
-    ckpt = keras_ckpt.Checkpoint(directory=args.dir, save_freq="epoch",
-                                 async_save=False, on_preemption=None,
-                                 verbose=0)
+    # "prepare" commits a checkpoint at batch `stop_at` (before that batch
+    # trains) and exits there, as a preempted job would.
+    ckpt = keras_ckpt.Checkpoint(
+        directory=args.dir,
+        save_freq=args.stop_at if args.child == "prepare" else "epoch",
+        async_save=False, on_preemption=None, verbose=0)
 
     class Probe(keras.callbacks.Callback):
         first = None
 
+        def on_train_batch_begin(self, batch, logs=None):
+            if args.child == "prepare" and batch >= args.stop_at:
+                os._exit(0)
+
         def on_train_batch_end(self, batch, logs=None):
             if Probe.first is None:
                 Probe.first = time.perf_counter()
-            if args.child == "measure" or batch + 1 >= args.stop_at:
+            if args.child == "measure":
                 self.model.stop_training = True
 
     start = time.perf_counter()
@@ -97,6 +107,8 @@ def run_child(args, mode, directory, stop_at=0, no_state=False):
     if no_state:
         command.append("--no-iterator-state")
     out = subprocess.run(command, capture_output=True, text=True, check=True)
+    if mode == "prepare":
+        return None
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
 
 
@@ -115,15 +127,20 @@ def main():
         return child(args)
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        rows.append(("fresh", run_child(args, "measure", f"{root}/fresh"), 0))
+        rows.append(("fresh", min(
+            run_child(args, "measure", f"{root}/fresh-{i}")
+            for i in range(args.repeats)), 0))
         for n in [int(v) for v in args.at.split(",")]:
             for replay in ([False, True] if args.replay else [False]):
-                directory = f"{root}/{n}-{replay}"
-                run_child(args, "prepare", directory, stop_at=n,
-                          no_state=replay)
-                seconds = run_child(args, "measure", directory)
+                times = []
+                for i in range(args.repeats):
+                    directory = f"{root}/{n}-{replay}-{i}"
+                    run_child(args, "prepare", directory, stop_at=n,
+                              no_state=replay)
+                    size = data_position_bytes(directory)
+                    times.append(run_child(args, "measure", directory))
                 rows.append((f"{'replay' if replay else 'resume'}@{n}",
-                             seconds, data_position_bytes(directory)))
+                             min(times), size))
     print(f"{'run':<14} {'first batch (s)':>16} {'data position (B)':>18}")
     for name, seconds, size in rows:
         print(f"{name:<14} {seconds:>16.2f} {size:>18}")
