@@ -118,7 +118,7 @@ def test_current_data_iterator_persists_with_steps_per_epoch():
     assert compat.current_data_iterator(found["iterator"]) is seen[-1]
 
 
-def test_input_kind_user_dataset_and_py_dataset_shuffle():
+def test_input_kind_and_user_dataset():
     kinds = {}
     x, y = _data()
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
@@ -141,13 +141,11 @@ def test_input_kind_user_dataset_and_py_dataset_shuffle():
     for name, fit in inputs.items():
         def on_begin(epoch_iterator, name=name):
             kinds[name] = (compat.input_kind(epoch_iterator),
-                           compat.user_dataset(epoch_iterator),
-                           compat.py_dataset_shuffles(epoch_iterator))
+                           compat.user_dataset(epoch_iterator))
         _model().fit(epochs=1, verbose=0, callbacks=[_Probe(on_begin)], **fit)
     assert {k: v[0] for k, v in kinds.items()} == {k: k for k in inputs}
     assert kinds["tf.data"][1] is ds
     assert kinds["arrays"][1] is None
-    assert kinds["py_dataset"][2] is True  # fit's default shuffle=True
 
 
 def test_dataset_shuffles_reads_seed_and_reshuffle():

@@ -148,12 +148,6 @@ def user_dataset(epoch_iterator):
     return epoch_iterator.data_adapter._dataset
 
 
-def py_dataset_shuffles(epoch_iterator):
-    """Whether `fit` shuffles a `PyDataset`'s batch order (with `random`)."""
-    return input_kind(epoch_iterator) == "py_dataset" and bool(
-        epoch_iterator.data_adapter.shuffle)
-
-
 _SHUFFLE_OPS = ("ShuffleDataset", "ShuffleDatasetV2", "ShuffleDatasetV3",
                 "ShuffleAndRepeatDataset", "ShuffleAndRepeatDatasetV2")
 
