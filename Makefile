@@ -46,6 +46,7 @@ test-long: $(VENV)/.installed-test $(AZURITE)
 bench: $(VENV)/.installed-test $(AZURITE)
 	$(BIN)/python benchmarks/run.py
 	KERAS_CKPT_AZURITE=$(abspath $(AZURITE)) $(BIN)/python benchmarks/mirror.py
+	$(BIN)/python benchmarks/resume.py
 
 docs: $(VENV)/.installed-test
 	$(BIN)/mkdocs build --strict

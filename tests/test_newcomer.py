@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import keras_ckpt
-from keras_ckpt import _callback_list
+from keras_ckpt import _keras_compat
 from keras_ckpt.errors import CheckpointNotFoundError
 from keras_ckpt.errors import IncompatibleCheckpointError
 
@@ -194,7 +194,7 @@ def test_sibling_callbacks_are_the_fit_callback_list():
 
     class Probe(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            seen.extend(_callback_list.sibling_callbacks(self))
+            seen.extend(_keras_compat.sibling_callbacks(self))
 
     probe, other = Probe(), CountBatches()
     fit(make_model(), [probe, other], epochs=1)

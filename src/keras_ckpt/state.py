@@ -292,8 +292,16 @@ class TrainingState:
             distribute.optimizer_built(optimizer)
         ):
             add("optimizer", _optimizer_variables(optimizer))
+        if include_optimizer:
+            for attr, other in attribute_optimizers(self.model):
+                if distribute.optimizer_built(other):
+                    add(f"optimizer/{attr}", _optimizer_variables(other))
         if include_metrics:
-            add("metrics", getattr(self.model, "metrics_variables", []))
+            metrics = getattr(self.model, "metrics_variables", [])
+            add("metrics", metrics)
+            replicas = _replica_copies(metrics)
+            if replicas:
+                groups["metrics/replicas"] = replicas
         add("rng", _global_rng_variables())
         for entry in self.entries:
             if entry.variables is not None:
@@ -307,28 +315,34 @@ class TrainingState:
         }
 
     # -- saving ---------------------------------------------------------
-    def snapshot(self):
-        """Takes a consistent `Snapshot` of the current training state."""
+    def snapshot(self, extra=None):
+        """Takes a consistent `Snapshot` of the current training state.
+
+        Args:
+            extra: dict or None, {name: state dict} saved like the state of
+                an adapter (the data position, under `DATA_POSITION`).
+        """
         groups = self.variable_groups()
         tensors = {g: [_read(v) for _, v in items] for g, items in groups.items()}
         specs = {
             g: [_spec(path, v) for path, v in items] for g, items in groups.items()
         }
         values = {}
-        for entry in self.entries:
-            if entry.adapter is None:
-                continue
+        states = [(e.name, e.adapter.get_state()) for e in self.entries
+                  if e.adapter is not None]
+        states += list((extra or {}).items())
+        for name, state in states:
             arrays = []
             encoded = {
-                str(k): _encode_value(entry.name, k, v, arrays)
-                for k, v in entry.adapter.get_state().items()
+                str(k): _encode_value(name, k, v, arrays)
+                for k, v in state.items()
             }
-            values[entry.name] = encoded
+            values[name] = encoded
             if arrays:
-                group = f"adapter/{entry.name}"
+                group = f"adapter/{name}"
                 tensors[group] = [tf.constant(a) for a in arrays]
                 specs[group] = [
-                    [f"{entry.name}/{i}", list(a.shape), str(a.dtype)]
+                    [f"{name}/{i}", list(a.shape), str(a.dtype)]
                     for i, a in enumerate(arrays)
                 ]
         return Snapshot(tensors=tensors, specs=specs, values=values)
@@ -376,6 +390,29 @@ class TrainingState:
             for (_, variable), value in zip(live[group], arrays[group]):
                 variable.assign(value)
 
+    def assign_metrics(self, specs, arrays):
+        """Restores the running metrics; False if the compiled metrics differ.
+
+        Under a strategy with several local replicas each replica's copy of an
+        accumulator is restored as saved (bit for bit) when the checkpoint has
+        the same number of replicas; otherwise the saved sum is assigned,
+        which the strategy splits evenly between the copies.
+        """
+        live = self.variable_groups()
+        live_specs = [_spec(p, v) for p, v in live.get("metrics", [])]
+        if [s[1:] for s in live_specs] != [s[1:] for s in specs.get("metrics", [])]:
+            return False
+        self.assign(arrays, ["metrics"])
+        copies = live.get("metrics/replicas", [])
+        saved = arrays.get("metrics/replicas", [])
+        saved_specs = specs.get("metrics/replicas", [])
+        if copies and [_spec(p, v)[1:] for p, v in copies] == [
+            s[1:] for s in saved_specs
+        ] and len(saved) == len(copies):
+            for (_, copy), value in zip(copies, saved):
+                copy.assign(value)
+        return True
+
     def apply_values(self, values, arrays, names=None):
         """Calls `set_state` of the adapters (all, or those in `names`)."""
         for entry in self.entries:
@@ -387,6 +424,40 @@ class TrainingState:
             entry.adapter.set_state(
                 _decode_value(values[entry.name], own_arrays)
             )
+
+
+def attribute_optimizers(model):
+    """[(attribute, optimizer)] the model holds besides `model.optimizer`.
+
+    A subclassed model that overrides `train_step` with several optimizers
+    (Keras' DCGAN example: `d_optimizer`, `g_optimizer`) keeps them as
+    attributes; their slots and `iterations` are training state too.
+    """
+    main = getattr(model, "optimizer", None)
+    found = []
+    for attr, value in sorted(vars(model).items()):
+        if attr.startswith("_") or value is main:
+            continue
+        if isinstance(value, keras.optimizers.Optimizer) and all(
+            value is not other for _, other in found
+        ):
+            found.append((attr, value))
+    return found
+
+
+def _replica_copies(variables):
+    """[(path, copy)] of every replica's copy of sync-on-read variables."""
+    from keras_ckpt import _keras_compat as compat
+
+    copies = []
+    for variable in variables:
+        components = compat.replica_components(variable)
+        if components is None:
+            continue
+        path = getattr(variable, "path", None) or variable.name
+        copies.extend((f"{path}/replica_{i}", c)
+                      for i, c in enumerate(components))
+    return copies
 
 
 def _optimizer_variables(optimizer):
@@ -430,3 +501,163 @@ def _global_rng_variables():
     if tf_gen is not None:
         variables.append(("tf_global_generator", tf_gen.state))
     return variables
+
+
+# ---------------------------------------------------------------------------
+# The data position.
+# ---------------------------------------------------------------------------
+
+DATA_POSITION = "data-position"  # not a valid `state=` name: no clash
+
+
+class DataPosition:
+    """Where the input pipeline is, so that a resume trains on the same data.
+
+    Keras' `fit` draws each epoch's batches from an iterator: a new one every
+    epoch, or one kept across epochs when `steps_per_epoch` is given (e.g.
+    `ds.repeat()`). What decides the next batch is therefore:
+
+    - how many iterators of the dataset `fit` created before the one the
+      next batch comes from (one per epoch, plus one at the end of an epoch
+      that used up a finite input): a tf.data `shuffle(..., seed=s)`
+      reshuffles with every new iterator (`reshuffle_each_iteration=True`,
+      the default), so the resumed run creates (and drops) as many first;
+    - how far that iterator is: restored from its saved state when tf.data
+      can serialize it (O(1): no batch is read again), else replayed by
+      pulling the batches again (exact when the input is deterministic);
+    - Python's and NumPy's global RNG states at the start of the epoch:
+      Keras shuffles a `PyDataset`'s batch order with `random`, and
+      generators often draw from `np.random`.
+
+    A Python generator is one stream for the whole fit: every batch drawn
+    from it (`total`) is replayed.
+    """
+
+    def __init__(self):
+        self.epoch_iterator = None
+        self.kind = None
+        self.reshuffles = False
+        self.created = 0  # data iterators fit created (see `attach`)
+        self.last_created = None  # (iterator, its number among `created`)
+        self.iterator = None  # the one the last trained batch came from
+        self.iterator_number = 0
+        self.offset = 0  # batches trained from `self.iterator`
+        self.total = 0  # batches trained in all (a generator's position)
+        self.epoch_rng = None
+        self.resume = None  # decoded state to seek to, once
+
+    def attach(self, epoch_iterator):
+        """Follows `fit`'s `EpochIterator`; returns its tf.data shuffles."""
+        from keras_ckpt import _keras_compat as compat
+
+        self.epoch_iterator = epoch_iterator
+        self.kind = compat.input_kind(epoch_iterator)
+        compat.watch_iterator_creation(epoch_iterator, self._created)
+        dataset = compat.user_dataset(epoch_iterator)
+        shuffles = compat.dataset_shuffles(dataset) if dataset is not None else []
+        self.reshuffles = any(reshuffles for _, reshuffles in shuffles)
+        return shuffles
+
+    def _created(self, iterator):
+        self.created += 1
+        self.last_created = (iterator, self.created)
+
+    def on_epoch_begin(self):
+        from keras_ckpt import _keras_compat as compat
+
+        rng = self.resume.pop("rng", None) if self.resume else None
+        if rng is not None:
+            compat.set_global_rng_states(rng)
+        self.epoch_rng = compat.global_rng_states()
+
+    def get_state(self, batch_in_epoch):
+        """The position of the next batch to train (JSON values + arrays)."""
+        from keras_ckpt import _keras_compat as compat
+
+        if self.epoch_iterator is None:
+            return None
+        if self.epoch_iterator.steps_per_epoch is not None:
+            upcoming = compat.current_data_iterator(self.epoch_iterator)
+        else:  # a new iterator every epoch
+            upcoming = self.iterator if batch_in_epoch > 0 else None
+        before, offset = self.created, 0  # a new one will be created
+        if upcoming is not None and upcoming is self.iterator:
+            before, offset = self.iterator_number - 1, self.offset
+        elif upcoming is not None and self.last_created is not None and (
+            upcoming is self.last_created[0]
+        ):
+            before = self.last_created[1] - 1
+        state = {
+            "kind": self.kind,
+            "before": before,
+            "offset": offset,
+            "total": self.total,
+            "rng": self.epoch_rng if batch_in_epoch > 0 and self.epoch_rng
+            else compat.global_rng_states(),
+        }
+        if offset and self.kind == "tf.data":
+            saved = compat.save_iterator(self.iterator)
+            if saved is not None:
+                state["iterator"] = np.frombuffer(saved, dtype=np.uint8)
+        return state
+
+    def set_resume(self, values, arrays):
+        self.resume = _decode_value(values, arrays) if values else None
+
+    def batches(self, enumerate_epoch, skip_batches, on_seek):
+        """The epoch's `(begin, end, iterator)` steps that `fit` trains.
+
+        On the resumed epoch, seeks the input to the saved position and hides
+        the steps trained before the restart: neither `fit`, its progress bar
+        nor any callback sees them. `on_seek(last_batch)` runs right after the
+        seek (the last batch read, or None), before the first trained step.
+        """
+        from keras_ckpt import _keras_compat as compat
+
+        resume, self.resume = self.resume, None
+        if resume is not None and resume.get("kind") != self.kind:
+            resume = None  # another input form than the saved run's
+        if resume is None and skip_batches:
+            # No data position (a checkpoint of an older keras_ckpt, or of
+            # another input form): draw the epoch's trained batches again.
+            resume = {"before": self.created, "offset": skip_batches,
+                      "total": skip_batches}
+        if resume is not None:
+            before = int(resume["before"])
+            if self.kind == "tf.data" and self.reshuffles:
+                while self.created < before:
+                    # Advances the shuffle's seed as the interrupted run did.
+                    compat.create_data_iterator(self.epoch_iterator)
+            self.created = max(self.created, before)
+        sought = resume is None
+        for begin, end, iterator in enumerate_epoch:
+            if iterator is not self.iterator:
+                self.iterator, self.offset = iterator, 0
+                known = self.last_created is not None and (
+                    self.last_created[0] is iterator)
+                self.iterator_number = (
+                    self.last_created[1] if known else self.created)
+            if not sought:
+                sought = True
+                on_seek(self._seek(iterator, resume))
+            if begin < skip_batches:
+                continue
+            yield begin, end, iterator
+            self.offset += end - begin + 1
+            self.total += end - begin + 1
+
+    def _seek(self, iterator, resume):
+        from keras_ckpt import _keras_compat as compat
+
+        self.total = int(resume["total"])
+        self.offset = int(resume["offset"])
+        # A generator is one stream for the whole fit.
+        count = self.total if self.kind == "generator" else self.offset
+        state = resume.get("iterator")
+        if state is not None and self.kind == "tf.data":
+            compat.restore_iterator(iterator, np.asarray(state).tobytes())
+            return None
+        last = None
+        for _ in range(count):
+            last = next(iterator)
+        return last

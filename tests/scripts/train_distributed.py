@@ -35,6 +35,8 @@ def parse_args():
                    required=True)
     p.add_argument("--plateau", action="store_true",
                    help="a ReduceLROnPlateau callback, passed in `state=`")
+    p.add_argument("--replicas", type=int, choices=[1, 2], default=2,
+                   help="devices of the MirroredStrategy (same global batch)")
     p.add_argument("--dir", required=True)
     p.add_argument("--out")
     p.add_argument("--mirror")
@@ -67,7 +69,8 @@ def main():
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         import keras
 
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        strategy = tf.distribute.MirroredStrategy(
+            ["/cpu:0", "/cpu:1"][:args.replicas])
         worker = 0
     elif args.strategy == "multiworker":
         assert os.environ.get("TF_USE_LEGACY_KERAS") == "1"

@@ -9,10 +9,11 @@ import threading
 import time
 import warnings
 
+import keras
 from keras.src.utils import io_utils
 
 from keras_ckpt import _args
-from keras_ckpt import _callback_list
+from keras_ckpt import _keras_compat as compat
 from keras_ckpt import commit as commit_lib
 from keras_ckpt import distribute
 from keras_ckpt import manager as manager_lib
@@ -272,6 +273,7 @@ class Checkpoint(distribute.Callback):
         self._writer = writer_lib.BackgroundWriter()
         self._cluster = distribute.Cluster(self.platform)
         self._patched = {}
+        self._fit_iterator = None  # the EpochIterator of the running fit
         self.preempted = False
         self.restored = None  # CheckpointInfo of the checkpoint resumed from
         self.last_saved = None  # Manifest of the newest committed checkpoint
@@ -302,6 +304,9 @@ class Checkpoint(distribute.Callback):
         self._interrupt = None  # the SIGINT handler while fit runs
         self._interrupted = False
         self._reports = collections.deque()  # finished saves, to log
+        self._data = state_lib.DataPosition()
+        self._resumed = None  # Manifest resumed from in this fit
+        self._skip_batches = 0  # steps of the resumed epoch trained before
 
     @property
     def _training_state(self):
@@ -320,14 +325,31 @@ class Checkpoint(distribute.Callback):
         for entry in self._entries:
             if entry.is_callback and entry.name not in self._patched:
                 self._patch_callback(entry)
+        # TensorBoard and CSVLogger in fit's list continue their records.
+        callback_list = compat.calling_callback_list()
+        for callback in getattr(callback_list, "callbacks", ()):
+            if isinstance(callback, _LOGGERS) and (
+                f"logger-{id(callback)}" not in self._patched
+            ):
+                self._patch_logger(callback)
 
     def on_train_begin(self, logs=None):
+        self._begin_fit()
+
+    def _begin_fit(self):
+        """Starts the run once per fit: from this callback's `on_train_begin`
+        or from an earlier one of a logger that must know about the resume
+        before it opens its files."""
+        epoch_iterator = compat.running_epoch_iterator()
+        if epoch_iterator is not None and epoch_iterator is self._fit_iterator:
+            return
+        self._fit_iterator = epoch_iterator
         self._reset_run_state()
         self.preempted = False
         self.stats = []
         if self._verbose_arg == "auto":
             self.verbose = 0 if (self.params or {}).get("verbose") == 0 else 1
-        siblings = _callback_list.sibling_callbacks(self)
+        siblings = compat.sibling_callbacks(self)
         self._check_stateful_siblings(siblings)
         self._tensorboard = next(
             (TensorBoardScalars(c) for c in siblings
@@ -341,7 +363,11 @@ class Checkpoint(distribute.Callback):
             self._store.ensure_directory()
             self._committer.begin()
         self._log_platform()
+        if epoch_iterator is not None:
+            self._check_input(self._data.attach(epoch_iterator))
         self._restore_at_start()
+        if epoch_iterator is not None:
+            compat.wrap_epoch_batches(epoch_iterator, self._epoch_batches)
         self._install_preemption()
         self._install_interrupt()
 
@@ -351,6 +377,7 @@ class Checkpoint(distribute.Callback):
         self._report_saves()
         self._epoch = epoch
         self._batch = 0 if self._skip_until is None else self._batch
+        self._data.on_epoch_begin()
         if self._pending_values is not None:
             # Callbacks that are not in fit's list never ran on_train_begin.
             self._apply_callback_values(None)
@@ -427,6 +454,10 @@ class Checkpoint(distribute.Callback):
             self._unpatch_callbacks()
             distribute.clear_initial_epoch(self.model)
             self._restore_train_function()
+            if self._fit_iterator is not None:
+                compat.unwrap_epoch_batches(self._fit_iterator)
+                self._fit_iterator = None
+            self._data = state_lib.DataPosition()  # drops the iterators
             self._cluster.end(
                 getattr(self.last_saved, "name", None), self.flush_timeout)
 
@@ -485,6 +516,7 @@ class Checkpoint(distribute.Callback):
             self._handle_preemption()
             return
         if self._pending is not None:
+            self._flush_loggers()
             self._save(self._pending)
 
     def _save(self, logs, synchronous=False, when_busy=None):
@@ -498,7 +530,9 @@ class Checkpoint(distribute.Callback):
             return
         requested = time.perf_counter()
         report = {}  # filled by the job, logged on the training thread
-        snapshot = self._training_state.snapshot()
+        data = self._data.get_state(self._batch)
+        snapshot = self._training_state.snapshot(
+            extra=None if data is None else {state_lib.DATA_POSITION: data})
         position = dict(step=self._step, epoch=self._epoch, batch=self._batch)
         history = {"epochs": list(self._history_epochs),
                    "logs": {k: list(v) for k, v in self._history.items()}}
@@ -675,23 +709,13 @@ class Checkpoint(distribute.Callback):
             return
         manifest, store, origin = found
         self._check_no_newer(manifest)
-        if not self.model.built:
-            raise ValueError(
-                "keras_ckpt.Checkpoint needs a built model to resume from "
-                f"{store.prefix(manifest.name)}. Build it before fit(), e.g. "
-                "with keras.Input(...) or by calling it on a batch of data."
-            )
-        optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is not None and not distribute.optimizer_built(optimizer):
-            # Otherwise the optimizer's slots would be created (and zeroed)
-            # after the restore.
-            optimizer.build(self.model.trainable_variables)
+        self._build_for_restore(manifest, store.prefix(manifest.name))
         training_state = self._training_state
         training_state.check_compatible(
             manifest.variables, store.prefix(manifest.name)
         )
         arrays = store.read_arrays(manifest)
-        groups = [g for g in manifest.variables if g not in ("metrics",)]
+        groups = [g for g in manifest.variables if not g.startswith("metrics")]
         training_state.assign(arrays, groups)
 
         self._epoch, self._batch, self._step = (
@@ -707,12 +731,18 @@ class Checkpoint(distribute.Callback):
         self._history_epochs = list(history.get("epochs", []))
         self._history = {k: list(v) for k, v in history.get("logs", {}).items()}
         self._pending_history = True
+        self._resumed = manifest
+        self._data.set_resume(
+            manifest.state.get(state_lib.DATA_POSITION),
+            arrays.get(f"adapter/{state_lib.DATA_POSITION}", []))
+        self._check_resumed_input(manifest)
         if manifest.batch > 0:
-            self._pending_metrics = (
-                manifest.variables.get("metrics", []), arrays.get("metrics", [])
-            )
+            self._pending_metrics = (manifest.variables, arrays)
             self._skip_until = manifest.batch
-            self._install_skip(manifest.batch)
+            if self._fit_iterator is not None:
+                self._skip_batches = manifest.batch
+            else:
+                self._install_skip(manifest.batch)
         self.restored = sources.info(manifest, store, origin)
         if self.verbose:
             io_utils.print_msg(
@@ -741,21 +771,57 @@ class Checkpoint(distribute.Callback):
                 f"this run's checkpoints are numbered after {newer[-1]}."
             )
 
+    def _build_for_restore(self, manifest, source):
+        """Creates the variables a restore assigns, whatever `built` says."""
+        model = self.model
+        if not model.built and not model.variables:
+            raise ValueError(
+                "keras_ckpt.Checkpoint needs a model whose variables exist to "
+                f"resume from {source}. Build it before fit(), e.g. with "
+                "keras.Input(...) or by calling it on a batch of data."
+            )
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is not None and "optimizer" in manifest.variables and (
+            not distribute.optimizer_built(optimizer)
+        ):
+            # Otherwise the optimizer's slots would be created (and zeroed)
+            # after the restore.
+            optimizer.build(model.trainable_variables)
+        for attr, other in state_lib.attribute_optimizers(model):
+            if f"optimizer/{attr}" in manifest.variables and (
+                not distribute.optimizer_built(other)
+            ):
+                raise ValueError(
+                    f"keras_ckpt.Checkpoint cannot resume from {source}: "
+                    f"`model.{attr}` is not built, so its slots would be "
+                    "created (zeroed) after the restore. Build it before "
+                    f"fit(), e.g. `model.{attr}.build(<the sub-model it "
+                    "updates>.trainable_variables)`."
+                )
+
+    def _epoch_batches(self, enumerate_epoch):
+        """The steps of each epoch that `fit` trains (see `DataPosition`)."""
+        skip, self._skip_batches = self._skip_batches, 0
+        return self._data.batches(enumerate_epoch, skip, self._on_seek)
+
+    def _on_seek(self, last_batch):
+        if self._pending_metrics is not None:
+            self._restore_metrics(last_batch)
+
     def _install_skip(self, n_batches):
         """Consumes the already-trained batches of the interrupted epoch.
 
-        Keras' `fit` has no initial step, so for the first calls of the
-        resumed epoch `train_function` is replaced by one that only pulls the
-        batches from the iterator, without training on them.
+        For tf_keras' `fit`, which has no `EpochIterator` to seek: for the
+        first calls of the resumed epoch `train_function` is replaced by one
+        that only pulls the batches from the iterator, without training.
         """
         model = self.model
-        original = model.train_function
         steps_per_execution = distribute.steps_per_execution(model)
         remaining = [n_batches]
 
         def skip_or_train(iterator):
             if remaining[0] <= 0:
-                model.train_function = original
+                compat.replace_train_function(model, original)
                 return original(iterator)
             count = min(steps_per_execution, remaining[0])
             for _ in range(count):
@@ -765,35 +831,73 @@ class Checkpoint(distribute.Callback):
             remaining[0] -= count
             return model.get_metrics_result()
 
+        original = compat.replace_train_function(model, skip_or_train)
         self._original_train_function = original
-        model.train_function = skip_or_train
 
     def _restore_train_function(self):
         original = getattr(self, "_original_train_function", None)
         if original is not None:
-            self.model.train_function = original
+            compat.replace_train_function(self.model, original)
             self._original_train_function = None
 
     def _restore_metrics(self, data_batch):
         specs, arrays = self._pending_metrics
         self._pending_metrics = None
         model = self.model
-        compile_metrics = getattr(model, "_compile_metrics", None)
-        if compile_metrics is not None and not compile_metrics.built:
-            try:
-                model._symbolic_build(data_batch=data_batch)
-            except Exception:  # metrics stay as they are; weights are exact
-                pass
-        live = self._training_state.specs().get("metrics", [])
-        if [s[1:] for s in live] != [s[1:] for s in specs]:
+        if data_batch is None and self._fit_iterator is not None:
+            dataset = compat.user_dataset(self._fit_iterator)
+            if dataset is not None:
+                data_batch = compat.zeros_like_spec(dataset.element_spec)
+        try:
+            if data_batch is not None:
+                compat.build_compiled_metrics(model, data_batch)
+        except Exception:  # metrics stay as they are; weights are exact
+            pass
+        if not self._training_state.assign_metrics(specs, arrays):
             if self.verbose:
                 io_utils.print_msg(
                     "keras_ckpt: this epoch's running metrics could not be "
                     "restored (the compiled metrics changed); they restart "
                     "from the resumed batch."
                 )
-            return
-        self._training_state.assign({"metrics": arrays}, ["metrics"])
+
+    # ------------------------------------------------------------------
+    # Where exactness depends on the input or the hardware: say so once.
+    # ------------------------------------------------------------------
+    def _check_input(self, shuffles):
+        if any(not seeded for seeded, _ in shuffles):
+            _warn_inexact(
+                "the tf.data pipeline given to fit() has a `shuffle` without "
+                "a seed, so its order differs in every process and a resumed "
+                "run trains on other batches than an uninterrupted one. Fix: "
+                "pass `seed=` to `Dataset.shuffle` (or call "
+                "`keras.utils.set_random_seed(...)` before building the "
+                "dataset)."
+            )
+
+    def _check_resumed_input(self, manifest):
+        saved = manifest.state.get(state_lib.DATA_POSITION) or {}
+        if self._data.kind == "generator" and saved.get("total"):
+            _warn_inexact(
+                f"the input is a Python generator: to resume at step "
+                f"{manifest.step} its first {saved['total']} batches are "
+                "drawn again and dropped, which is exact only if it yields "
+                "the same batches in the same order in every run (and costs "
+                "reading them). Fix: use a `keras.utils.PyDataset` or a "
+                "tf.data pipeline with seeded randomness."
+            )
+        saved_copies = len(manifest.variables.get("metrics/replicas", []))
+        live_copies = len(
+            self._training_state.specs().get("metrics/replicas", []))
+        if manifest.batch > 0 and saved_copies != live_copies:
+            _warn_inexact(
+                "the checkpoint was written with another number of local "
+                "replicas than this run has: the interrupted epoch's running "
+                "metrics are restored as their total, so the epoch's logged "
+                "metrics may differ in the last digits (weights and optimizer "
+                "state are exact). Fix: resume on as many devices, or resume "
+                "from a checkpoint taken at an epoch boundary."
+            )
 
     def _apply_callback_values(self, names):
         values, arrays = self._pending_values
@@ -842,6 +946,44 @@ class Checkpoint(distribute.Callback):
         obj.on_train_batch_begin = on_train_batch_begin
         obj.on_train_batch_end = on_train_batch_end
         self._patched[entry.name] = (obj, originals)
+
+    def _patch_logger(self, callback):
+        """TensorBoard and CSVLogger continue their records on resume.
+
+        TensorBoard numbers batch scalars with a counter its `on_train_begin`
+        resets to 0: it is set to the resumed global step. CSVLogger opens
+        its file with mode "w" unless `append=True`: on resume it appends,
+        after dropping the rows of the resumed epoch and later ones that the
+        interrupted run wrote after its last checkpoint.
+        """
+        bound = callback.on_train_begin
+        originals = {"on_train_begin": callback.__dict__.get("on_train_begin")}
+
+        def on_train_begin(logs=None):
+            self._begin_fit()
+            resumed = self._resumed
+            if resumed is None:
+                return bound(logs)
+            if isinstance(callback, keras.callbacks.CSVLogger):
+                _drop_rows_from(callback.filename, callback.sep, resumed.epoch)
+                append, callback.append = callback.append, True
+                try:
+                    return bound(logs)
+                finally:
+                    callback.append = append
+            bound(logs)
+            compat.set_tensorboard_step(callback, resumed.step)
+
+        callback.on_train_begin = on_train_begin
+        self._patched[f"logger-{id(callback)}"] = (callback, originals)
+
+    def _flush_loggers(self):
+        """Makes TensorBoard's records up to a checkpoint durable with it:
+        a SIGKILL would drop its buffered events, which a resume does not
+        write again."""
+        for callback, _ in self._patched.values():
+            if isinstance(callback, keras.callbacks.TensorBoard):
+                compat.flush_tensorboard(callback)
 
     def _unpatch_callbacks(self):
         for obj, originals in self._patched.values():
@@ -923,6 +1065,41 @@ class Checkpoint(distribute.Callback):
     def wait_until_finished(self, timeout=None):
         """Waits for pending writes and uploads; raises their errors."""
         self._writer.wait_until_finished(timeout)
+
+
+_LOGGERS = (keras.callbacks.TensorBoard, keras.callbacks.CSVLogger)
+
+
+def _warn_inexact(cause):
+    warnings.warn(
+        f"keras_ckpt cannot guarantee an exact resume: {cause}",
+        UserWarning, stacklevel=3,
+    )
+
+
+def _drop_rows_from(filename, sep, epoch):
+    """Keeps a CSVLogger file's header and its rows of epochs < `epoch`,
+    byte for byte (the epoch is the first field, never quoted)."""
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(filename):
+        return
+    with tf.io.gfile.GFile(filename, "r") as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = lines[:1] + [
+        line for line in lines[1:] if _epoch_of(line, sep) < epoch]
+    with tf.io.gfile.GFile(filename, "w") as f:
+        f.write("".join(kept))
+
+
+def _epoch_of(line, sep):
+    try:
+        return int(line.split(sep, 1)[0])
+    except ValueError:
+        return _UNREADABLE_ROW
+
+
+_UNREADABLE_ROW = 1 << 62  # an unreadable row is dropped with the later ones
 
 
 def _is_int(value):
