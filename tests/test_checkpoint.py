@@ -474,7 +474,7 @@ def test_restore_and_list(tmp_path):
     np.testing.assert_array_equal(np.asarray(uncompiled.layers[0].kernel),
                                   np.asarray(model.layers[0].kernel))
 
-    with pytest.raises(keras_ckpt.CheckpointNotFoundError, match="ckpt-5"):
+    with pytest.raises(keras_ckpt.CheckpointNotFoundError, match="step 5"):
         keras_ckpt.restore(by_step, tmp_path, checkpoint=5)
     with pytest.raises(keras_ckpt.CheckpointNotFoundError):
         keras_ckpt.restore(by_step, tmp_path / "nothing-here")

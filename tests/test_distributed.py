@@ -17,6 +17,7 @@
 import functools
 import json
 import os
+import re
 import random
 import signal
 import socket
@@ -274,7 +275,11 @@ def test_mirrored_checkpoint_resumes_on_another_number_of_devices(
     assert counters and all(
         np.array_equal(ref_arrays[k], got_arrays[k]) for k in counters)
     assert got_meta["epochs"] == ref_meta["epochs"]
-    resumed_epoch = int(second.stdout.split("epoch ")[1].split(",")[0])
+    # "resumed from ...: step S, epoch E/N, batch B" (Keras' 1-based epoch
+    # E, in progress) or "..., end of epoch E/N" (E epochs finished).
+    match = re.search(r"resumed from .*?: step \d+, (end of )?epoch (\d+)",
+                      second.stdout)
+    resumed_epoch = int(match.group(2)) - (0 if match.group(1) else 1)
     for key, values in ref_meta["history"].items():
         assert got_meta["history"][key][:resumed_epoch] == (
             values[:resumed_epoch]), key

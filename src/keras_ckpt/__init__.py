@@ -15,9 +15,11 @@ if typing.TYPE_CHECKING:  # for type checkers, IDEs and the API reference
     from keras_ckpt.callbacks.export import ExportSavedModel
     from keras_ckpt.errors import CheckpointNotFoundError
     from keras_ckpt.errors import CheckpointWriteError
+    from keras_ckpt.errors import ConcurrentWriterError
     from keras_ckpt.errors import CorruptCheckpointError
     from keras_ckpt.errors import ExportExistsError
     from keras_ckpt.errors import IncompatibleCheckpointError
+    from keras_ckpt.errors import InvalidManifestError
     from keras_ckpt.errors import KerasCkptError
     from keras_ckpt.errors import MissingDependencyError
     from keras_ckpt.errors import StorageError
@@ -40,10 +42,12 @@ _EXPORTS = {
     "CheckpointInfo": "keras_ckpt.manifest",
     "CheckpointNotFoundError": "keras_ckpt.errors",
     "CheckpointWriteError": "keras_ckpt.errors",
+    "ConcurrentWriterError": "keras_ckpt.errors",
     "CorruptCheckpointError": "keras_ckpt.errors",
     "ExportExistsError": "keras_ckpt.errors",
     "ExportSavedModel": "keras_ckpt.callbacks.export",
     "IncompatibleCheckpointError": "keras_ckpt.errors",
+    "InvalidManifestError": "keras_ckpt.errors",
     "KerasCkptError": "keras_ckpt.errors",
     "MissingDependencyError": "keras_ckpt.errors",
     "Platform": "keras_ckpt.platforms",
@@ -63,10 +67,12 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
+    "ConcurrentWriterError",
     "CorruptCheckpointError",
     "ExportExistsError",
     "ExportSavedModel",
     "IncompatibleCheckpointError",
+    "InvalidManifestError",
     "KerasCkptError",
     "MissingDependencyError",
     "Platform",

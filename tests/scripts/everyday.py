@@ -261,6 +261,8 @@ def tensorboard_scalars(logdir):
             for value in event.summary.value:
                 if value.metadata.plugin_data.plugin_name != "scalars":
                     continue  # the model's graph and config
+                if value.tag.startswith("keras_ckpt/"):
+                    continue  # keras_ckpt's own save cost, timed per run
                 v = float(tf.make_ndarray(value.tensor))
                 key = f"{run}/{value.tag}"
                 seen = scalars.setdefault(key, {})

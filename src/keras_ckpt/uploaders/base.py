@@ -488,6 +488,13 @@ class Uploader:
         Returns:
             True if written, False if `if_absent` and `name` existed.
         """
+        return self._write_checked(
+            name, data,
+            lambda data: self._write_bytes(name, data, if_absent=if_absent))
+
+    def _write_checked(self, name, data, write):
+        """Retries `write(data)` (a conditional write returning False when
+        its precondition failed) and tells a lost race from a lost reply."""
         if isinstance(data, str):
             data = data.encode("utf-8")
         self._checked(name)
@@ -495,7 +502,7 @@ class Uploader:
 
         def attempt():
             try:
-                return self._write_bytes(name, data, if_absent=if_absent)
+                return write(data)
             except Exception:
                 failed.append(True)
                 raise
@@ -525,22 +532,8 @@ class Uploader:
         Returns:
             True if written; False if someone else changed `name` first.
         """
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        failed = []
-
-        def attempt():
-            try:
-                return self._write_if(name, data, version)
-            except Exception:
-                failed.append(True)
-                raise
-
-        written = self._retrying("write", self._url_of(name), attempt)
-        if not written and failed:
-            # An attempt whose reply was lost may have written it.
-            return self.read_bytes(name) == data
-        return written
+        return self._write_checked(
+            name, data, lambda data: self._write_if(name, data, version))
 
     # ----------------------------------------------------------------------
     # Shared checkpoint logic.
