@@ -10,7 +10,7 @@ AZURITE_DIR := .tools/azurite-npm
 AZURITE := $(AZURITE_DIR)/node_modules/.bin/azurite-blob
 AZURITE_VERSION ?= 3.35.0
 
-.PHONY: demo test test-fast test-long bench docs clean
+.PHONY: demo test test-fast test-long test-seeds bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,16 @@ test-fast: $(VENV)/.installed-test $(AZURITE)
 # protocol and every network fault on every store; `make test` runs a few cells.
 test-long: $(VENV)/.installed-test $(AZURITE)
 	KERAS_CKPT_FULL_MATRIX=1 KERAS_CKPT_AZURITE=$(abspath $(AZURITE)) $(BIN)/python -m pytest tests/test_fault_matrix.py
+
+# The randomized exactness tests (a random kill batch drawn from
+# KERAS_CKPT_TEST_SEED) over many seeds: `make test-seeds SEEDS="1 2 3"`.
+SEEDS ?= 1 2 3 4 5 6 7 8 9 10
+test-seeds: $(VENV)/.installed-test $(AZURITE)
+	for seed in $(SEEDS); do \
+	  KERAS_CKPT_TEST_SEED=$$seed KERAS_CKPT_AZURITE=$(abspath $(AZURITE)) $(BIN)/python -m pytest -q \
+	    tests/test_exactness.py tests/test_everyday_jobs.py \
+	    tests/test_distributed.py::test_mirrored_sigkill_and_resume_is_bitwise_exact || exit 1; \
+	done
 
 bench: $(VENV)/.installed-test $(AZURITE)
 	$(BIN)/python benchmarks/run.py
