@@ -7,6 +7,16 @@ Expected ...``, plus a close-match suggestion for enum-like values.
 import difflib
 
 
+def is_int(value):
+    """An int that is not a bool (`True` is not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value):
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def invalid(name, value, expected, hint=""):
     """Raises Keras' `ValueError` for argument `name`."""
     raise ValueError(

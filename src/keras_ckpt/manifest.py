@@ -26,6 +26,7 @@ import re
 import time
 from typing import Any
 
+from keras_ckpt import _args
 from keras_ckpt.errors import CorruptCheckpointError
 from keras_ckpt.errors import InvalidManifestError
 
@@ -289,12 +290,8 @@ def _short(value, limit=60):
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+_is_int = _args.is_int
+_is_number = _args.is_number
 
 
 def _count(data, field, required=True):

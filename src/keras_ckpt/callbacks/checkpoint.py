@@ -1102,8 +1102,7 @@ def _epoch_of(line, sep):
 _UNREADABLE_ROW = 1 << 62  # an unreadable row is dropped with the later ones
 
 
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
+_is_int = _args.is_int
 
 
 _invalid = _args.invalid

@@ -25,6 +25,7 @@ import time
 import urllib.parse
 import uuid
 
+from keras_ckpt import _args
 from keras_ckpt import manifest as manifest_lib
 from keras_ckpt.errors import CheckpointNotFoundError
 from keras_ckpt.errors import CorruptCheckpointError
@@ -128,19 +129,9 @@ class UploaderOptions:
             )
 
 
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _invalid(name, value, expected):
-    raise ValueError(
-        f"Invalid value for argument `{name}`. Received: {name}={value!r}. "
-        f"Expected {expected}."
-    )
+_is_int = _args.is_int
+_is_number = _args.is_number
+_invalid = _args.invalid
 
 
 class Uploader:

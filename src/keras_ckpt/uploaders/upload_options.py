@@ -28,6 +28,8 @@ import os
 import re
 import urllib.parse
 
+from keras_ckpt import _args
+
 #: Environment variable with options for every uploader `get_uploader`
 #: builds: a JSON object, or `KEY=VALUE` entries separated by `;` or
 #: newlines.
@@ -59,11 +61,7 @@ _AZURE_TIERS = ("Hot", "Cool", "Cold", "Archive")
 _AZURE_OFFLINE = ("Archive",)
 
 
-def _invalid(name, value, expected):
-    raise ValueError(
-        f"Invalid value for argument `{name}`. Received: {name}={value!r}. "
-        f"Expected {expected}."
-    )
+_invalid = _args.invalid
 
 
 def _check_choice(name, value, choices):
