@@ -148,12 +148,8 @@ class AzureUploader(base.Uploader):
                 raise
 
     def _read_bytes(self, name):
-        try:
-            return self._container().download_blob(self._key(name)).readall()
-        except azure_exceptions.ResourceNotFoundError as e:
-            if _code(e) == "BlobNotFound":
-                return None
-            raise
+        # The same download; the ETag comes with it.
+        return self._read_versioned(name)[0]
 
     def _write_bytes(self, name, data, if_absent=False):
         try:

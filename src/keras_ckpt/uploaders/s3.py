@@ -148,16 +148,8 @@ class S3Uploader(base.Uploader):
         self._client().delete_object(Bucket=self.bucket, Key=self._key(name))
 
     def _read_bytes(self, name):
-        try:
-            response = self._client().get_object(
-                Bucket=self.bucket, Key=self._key(name)
-            )
-        except botocore.exceptions.ClientError as e:
-            if _code(e) in _NOT_FOUND_CODES:
-                return None
-            raise
-        with response["Body"] as body:
-            return body.read()
+        # The same GetObject; the ETag comes with it.
+        return self._read_versioned(name)[0]
 
     def _write_bytes(self, name, data, if_absent=False):
         extra = {"IfNoneMatch": "*"} if if_absent else {}
