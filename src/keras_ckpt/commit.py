@@ -22,12 +22,16 @@ answers, the next save uploads every kept checkpoint it lacks.
 """
 
 import logging
+import threading
 import time
 import urllib.parse
 
 from keras_ckpt import lease as lease_lib
 from keras_ckpt import manifest as manifest_lib
+from keras_ckpt._format import human_size
 from keras_ckpt.errors import StorageError
+from keras_ckpt.uploaders.base import UploadCancelled
+from keras_ckpt.uploaders.base import _in_commit_order
 
 logger = logging.getLogger("keras_ckpt")
 
@@ -55,6 +59,96 @@ class Committer:
         # Seconds the last save spent writing locally and uploading, for
         # `Checkpoint.stats`.
         self.last_timings = {"write": None, "upload": None}
+        # Set by `cancel_upload()`: the upload in flight stops before its
+        # manifest (a newer checkpoint supersedes it).
+        self._cancel = threading.Event()
+        # False while a preemption checkpoint is saved: its upload gets the
+        # budget; the mirror is healed by a later save.
+        self.heal = True
+        # What the save in flight is doing, for progress lines and for the
+        # message at a preemption deadline (`describe_activity()`).
+        self.activity = None
+        self._sent_lock = threading.Lock()
+
+    # -- what is in flight ------------------------------------------------
+    def cancel_upload(self):
+        """Stops the upload of the save in flight before it commits on the
+        mirror (its local checkpoint stays committed, listed in
+        `unmirrored`). The next `save()` uploads normally."""
+        self._cancel.set()
+
+    def allow_uploads(self):
+        """Undoes a `cancel_upload()` that found no upload to stop."""
+        self._cancel.clear()
+
+    def _start(self, name, phase, total=0, files=()):
+        self.activity = {"name": name, "phase": phase, "bytes": int(total),
+                         "sent": 0, "files": list(files),
+                         "since": time.monotonic()}
+
+    def _sent(self, nbytes):
+        activity = self.activity
+        if activity is not None:
+            with self._sent_lock:
+                activity["sent"] += nbytes
+
+    def describe_activity(self):
+        """One line: what the save in flight is doing and what remains, or
+        None when no save is in flight."""
+        activity = self.activity
+        if activity is None:
+            return None
+        elapsed = time.monotonic() - activity["since"]
+        name = activity["name"]
+        if activity["phase"] == "write":
+            return (f"writing {name} to {self.store.directory} "
+                    f"({human_size(activity['bytes'])}, {elapsed:.0f} s)")
+        left = max(activity["bytes"] - activity["sent"], 0)
+        return (f"uploading {name} to {self.uploader.url}: "
+                f"{human_size(left)} of {human_size(activity['bytes'])} left"
+                f", {len(self._files_left(activity))} files, "
+                f"{elapsed:.0f} s")
+
+    @staticmethod
+    def _files_left(activity):
+        """Files of the upload in flight not yet sent (sent in order), plus
+        the manifest, which goes last."""
+        sent, left = activity["sent"], []
+        for filename, size in activity["files"]:
+            if sent >= size > 0:
+                sent -= size
+            else:
+                sent, left = 0, left + [filename]
+        return left
+
+    def describe_unmirrored(self):
+        """What the mirror lacks of this run's checkpoints: one sentence
+        naming the checkpoints, the files of the one in flight, and the
+        `keras-ckpt push` command that completes the mirror; None if
+        nothing is missing (or there is no mirror)."""
+        activity, parts = self.activity, []
+        if activity is not None and activity["phase"] == "write":
+            parts.append(f"{activity['name']} (still being written locally,"
+                         " not committed: it will not be used)")
+        names = list(self.unmirrored)
+        if activity is not None and activity["phase"] == "upload":
+            names.append(activity["name"])
+        if self.uploader is None:
+            return "; ".join(parts) or None
+        for name in dict.fromkeys(names):
+            if activity is not None and name == activity["name"] and (
+                activity["phase"] == "upload"
+            ):
+                files = ", ".join(self._files_left(activity))
+                parts.append(f"{name} (committed locally; not uploaded: "
+                             f"{files})")
+            else:
+                parts.append(f"{name} (committed locally, not uploaded)")
+        if not parts:
+            return None
+        return (f"not on the mirror {self.uploader.url}: "
+                f"{'; '.join(parts)}. Complete it with `keras-ckpt push "
+                f"{self.store.directory} {self.uploader.url}`")
 
     # -- writer leases --------------------------------------------------
     def begin(self):
@@ -103,13 +197,18 @@ class Committer:
         remote = remote or []
         taken = {m.name for m in remote} | set(self.store.names())
         number = max([int(step)] + [manifest_lib.step_of(n) + 1 for n in taken])
+        name = manifest_lib.checkpoint_name(number)
         start = time.perf_counter()
         self.last_timings = {"write": None, "upload": None}
-        manifest = self.store.write(
-            snapshot, step=step, epoch=epoch, batch=batch, metrics=metrics,
-            history=history, metadata=metadata,
-            name=manifest_lib.checkpoint_name(number),
-        )
+        self._start(name, "write", snapshot.nbytes)
+        try:
+            manifest = self.store.write(
+                snapshot, step=step, epoch=epoch, batch=batch,
+                metrics=metrics, history=history, metadata=metadata,
+                name=name,
+            )
+        finally:
+            self.activity = None
         self.last_timings["write"] = time.perf_counter() - start
         try:
             self._confirm_local()
@@ -137,8 +236,16 @@ class Committer:
                 self.unmirrored.append(manifest.name)
             return manifest, False
         start = time.perf_counter()
-        mirrored = self._mirror(manifest, keep, ordered, kept_local,
-                                remote_names)
+        files = [(f, int(manifest.files[f]["size"]))
+                 for f in _in_commit_order(manifest.files)]
+        self._start(manifest.name, "upload", sum(s for _, s in files),
+                    files + [(manifest_lib.manifest_name(manifest.name), 0)])
+        try:
+            mirrored = self._mirror(manifest, keep, ordered, kept_local,
+                                    remote_names)
+        finally:
+            self.activity = None
+            self._cancel.clear()
         self.last_timings["upload"] = time.perf_counter() - start
         return manifest, mirrored
 
@@ -169,12 +276,19 @@ class Committer:
             names = [m.name for m in ordered if m.name in keep
                      and (m.name in remote or m.name in local_names)]
             stamps = [m.timestamp for m in ordered if m.name in names]
-            self.uploader.mirror(
-                self.store.directory, manifest.name, names, stamps)
+            listed = self.uploader.mirror(
+                self.store.directory, manifest.name, names, stamps,
+                progress=self._sent, cancel=self._cancel, heal=self.heal)
             # Checkpoints kept only by keep_every_n_hours move to the
             # store's archive class, if the user chose one.
             self.uploader.archive(
                 [n for n in self.policy.archives(ordered) if n in names])
+        except UploadCancelled:
+            logger.info("keras_ckpt: the upload of %s to %s was cancelled: "
+                        "a newer checkpoint supersedes it.", manifest.name,
+                        self.uploader.url)
+            self.unmirrored.append(manifest.name)
+            return False
         except StorageError as e:
             self._mirror_failed(e)
             self.unmirrored.append(manifest.name)
@@ -187,7 +301,10 @@ class Committer:
                 ", ".join(n for n in self.unmirrored if n in names) or "none",
             )
             self._down_since = None
-            self.unmirrored = []
+        # Still missing: kept checkpoints the mirror's pointer does not list
+        # (an upload cancelled by a preemption, not healed yet).
+        self.unmirrored = [n for n in self.unmirrored
+                           if n in local_names and n not in listed]
         return True
 
     def _mirror_failed(self, error):

@@ -131,6 +131,7 @@ class PreemptionHandler:
         ec2_metadata_url=None,
         azure_metadata_url=None,
         exit_code_at_deadline=None,
+        describe_unfinished=None,
     ):
         if (
             isinstance(grace_seconds, bool)
@@ -164,6 +165,9 @@ class PreemptionHandler:
         # pipeline, a collective waiting for a dead peer) must still end
         # within the budget, as the platform would end it anyway.
         self.exit_code_at_deadline = exit_code_at_deadline
+        # () -> str or None: what is not saved or mirrored yet, for the one
+        # line logged when the deadline ends the process.
+        self.describe_unfinished = describe_unfinished
 
         self._requested = False
         self._reason = None
@@ -304,12 +308,7 @@ class PreemptionHandler:
             while not stop.wait(0.2):
                 deadline = self._deadline
                 if deadline is not None and time.monotonic() >= deadline:
-                    sys.stderr.write(
-                        f"keras_ckpt: the {self.grace_seconds:g} s preemption "
-                        "budget ran out before training reached a batch "
-                        "boundary; exiting now. The last committed "
-                        "checkpoint is intact.\n"
-                    )
+                    sys.stderr.write(self._deadline_message())
                     sys.stderr.flush()
                     os._exit(self.exit_code_at_deadline)
 
@@ -317,6 +316,27 @@ class PreemptionHandler:
                                   name="keras_ckpt-preemption-deadline")
         thread.start()
         self._threads.append(thread)
+
+    def _deadline_message(self):
+        """The one line written when the budget ends the process."""
+        unfinished = None
+        if self.describe_unfinished is not None:
+            try:
+                unfinished = self.describe_unfinished()
+            except Exception as e:  # the exit must happen regardless
+                unfinished = f"(could not tell what is unfinished: {e!r})"
+        if unfinished is None:
+            return (
+                f"keras_ckpt: the {self.grace_seconds:g} s preemption budget "
+                "ran out before training reached a batch boundary; exiting "
+                f"now ({self.exit_code_at_deadline}). The last committed "
+                "checkpoint is intact.\n"
+            )
+        return (
+            f"keras_ckpt: the {self.grace_seconds:g} s preemption budget ran "
+            f"out; exiting now ({self.exit_code_at_deadline}). The last "
+            f"committed checkpoints are intact; {unfinished}.\n"
+        )
 
     def _handle_signal(self, signum, frame):
         if self._active:

@@ -47,6 +47,8 @@ def parse_args():
     p.add_argument("--preset", action="store_true",
                    help="directory/mirror from the platform preset, and export")
     p.add_argument("--batch-sleep", type=float, default=0.0)
+    p.add_argument("--grace", type=float, default=25.0,
+                   help="preemption_grace_seconds")
     p.add_argument("--hidden", type=int, default=0,
                    help="add a Dense(hidden) layer (to make the state large)")
     return p.parse_args()
@@ -110,6 +112,7 @@ def main():
         save_on_epoch_end=False,
         async_save=not args.sync, on_preemption=args.on_preemption,
         resume=not args.no_resume, verbose=1,
+        preemption_grace_seconds=args.grace,
     )
     kill_at = args.kill_at_step if args.kill_at_step is not None else args.sigterm_at_step
     sig = signal.SIGKILL if args.kill_at_step is not None else signal.SIGTERM

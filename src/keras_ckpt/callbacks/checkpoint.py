@@ -482,16 +482,17 @@ class Checkpoint(distribute.Callback):
             if self._step != self._saved_step:
                 self._save(final_logs, when_busy="wait")
         self._check_monitor_logged()
-        self._writer.wait_until_finished(self.flush_timeout)
-        if self._committer.unmirrored:
-            logger.warning(
-                "keras_ckpt: the mirror %s lacks %s, saved while it failed. "
-                "Run `keras-ckpt push %s %s` once it answers, or let the next"
-                " run with this mirror upload them.", self.uploader.url,
-                ", ".join(self._committer.unmirrored), self.directory,
-                self.uploader.url,
-            )
+        self._flush(self.flush_timeout)
+        self._warn_unmirrored()
         self._report_saves()
+
+    def _warn_unmirrored(self):
+        """Names the committed checkpoints the mirror lacks (saved while it
+        failed, or whose upload a preemption checkpoint superseded)."""
+        missing = self._committer.describe_unmirrored()
+        if missing:
+            logger.warning("keras_ckpt: %s, or let the next run with this "
+                           "mirror upload them.", missing)
 
     # ------------------------------------------------------------------
     # Saving
@@ -1008,6 +1009,7 @@ class Checkpoint(distribute.Callback):
             poll_interval=self.preemption_poll_interval or 5.0,
             exit_code_at_deadline=(
                 PREEMPTED_EXIT_CODE if self.on_preemption == "exit" else None),
+            describe_unfinished=self._committer.describe_unmirrored,
         )
         self._preemption.install()
 
@@ -1023,11 +1025,23 @@ class Checkpoint(distribute.Callback):
             f"keras_ckpt: preemption notice ({handler.reason}); saving at "
             f"{self._describe_position(self._epoch, self._batch)} with "
             f"{handler.remaining():.0f} s left.", mid_epoch=True)
+        # The checkpoint about to be saved supersedes the one in flight: its
+        # upload stops (its local write, if still running, cannot be cut
+        # short), and the preemption checkpoint's upload heals nothing else,
+        # so the budget goes to the newest state. The superseded checkpoint
+        # stays committed locally; the next run (or `keras-ckpt push`)
+        # uploads it.
+        supersede = self._step != self._saved_step
+        if supersede and self._writer.busy:
+            self._committer.cancel_upload()
+        self._committer.heal = False
         try:
             self._writer.wait_until_finished(max(handler.remaining(), 0.1))
-            if self._step != self._saved_step:
+            self._committer.allow_uploads()
+            if supersede:
                 self._save(self._pending or {}, synchronous=True)
         finally:
+            self._committer.heal = True
             self.preempted = True
             self._cluster.preemption_saved(
                 handler, getattr(self.last_saved, "name", None))
@@ -1036,6 +1050,7 @@ class Checkpoint(distribute.Callback):
                 f"keras_ckpt: preemption checkpoint committed in "
                 f"{time.monotonic() - start:.2f} s."
             )
+        self._warn_unmirrored()
         if self.on_preemption == "exit":
             self._uninstall_preemption()
             sys.stdout.flush()
@@ -1064,10 +1079,61 @@ class Checkpoint(distribute.Callback):
     # ------------------------------------------------------------------
     def wait_until_finished(self, timeout=None):
         """Waits for pending writes and uploads; raises their errors."""
-        self._writer.wait_until_finished(timeout)
+        self._flush(timeout)
+
+    def _flush(self, timeout=None):
+        """`wait_until_finished`, saying what is flushed when it is long.
+
+        After `FLUSH_QUIET_SECONDS`, one line names the checkpoint, the
+        local write or the upload (to which URL) and what remains; on a
+        terminal it is rewritten in place, otherwise printed again every
+        `FLUSH_PROGRESS_EVERY` seconds (a few lines in a log at most).
+        """
+        start = time.monotonic()
+        tty = _is_tty(sys.stdout)
+        shown = None  # when the last line was printed
+        width = 0
+        while not self._writer.join(_FLUSH_POLL_SECONDS):
+            now = time.monotonic()
+            if timeout is not None and now - start >= timeout:
+                break
+            if not self.verbose or now - start < FLUSH_QUIET_SECONDS:
+                continue
+            if not tty and shown is not None and (
+                now - shown < FLUSH_PROGRESS_EVERY
+            ):
+                continue
+            activity = self._committer.describe_activity()
+            if activity is None:
+                continue
+            line = (f"keras_ckpt: waiting for pending saves: {activity} "
+                    f"(waited {now - start:.0f} s)")
+            if tty:
+                io_utils.print_msg("\r" + line.ljust(width), line_break=False)
+                width = len(line)
+            else:
+                io_utils.print_msg(line)
+            shown = now
+        if tty and shown is not None:
+            io_utils.print_msg("")
+        if self._writer.busy:
+            raise writer_lib.still_writing(timeout)
+        self._writer.check_for_errors()
 
 
 _LOGGERS = (keras.callbacks.TensorBoard, keras.callbacks.CSVLogger)
+# The end-of-fit flush says what it waits for after this many seconds, then
+# again every FLUSH_PROGRESS_EVERY s (in place on a terminal).
+FLUSH_QUIET_SECONDS = 2.0
+FLUSH_PROGRESS_EVERY = 10.0
+_FLUSH_POLL_SECONDS = 0.25
+
+
+def _is_tty(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _warn_inexact(cause):

@@ -624,7 +624,7 @@ class Uploader:
                 return info.name
         return None
 
-    def upload_checkpoint(self, local_dir, name, progress=None):
+    def upload_checkpoint(self, local_dir, name, progress=None, cancel=None):
         """Uploads one committed local checkpoint, manifest last.
 
         Files are sent data first, then the index; their remote sizes are
@@ -637,8 +637,13 @@ class Uploader:
             name: str, the checkpoint, e.g. `"ckpt-120"`.
             progress: callable or None, called with byte counts as they are
                 sent.
+            cancel: `threading.Event` or None. Once set, the upload stops
+                (between files, and between the parts of a large file where
+                the store reports them) with `UploadCancelled`, before the
+                manifest is written: the checkpoint is not committed there.
 
         Raises:
+            UploadCancelled: `cancel` was set.
             CheckpointNotFoundError: `local_dir` has no manifest for `name`.
             CorruptCheckpointError: a local file is missing or truncated.
             StorageError: the upload failed after retries.
@@ -695,10 +700,14 @@ class Uploader:
 
         pending = [f for f in _in_commit_order(manifest.files)
                    if not already_there(f)]
+        if cancel is not None:
+            progress = _cancellable(progress, cancel, self._url_of(name))
         for filename in pending:
+            _check_cancel(cancel, self._url_of(name))
             self.upload_file(
                 os.path.join(local_dir, filename), filename, progress
             )
+        _check_cancel(cancel, self._url_of(name))
         wrong = manifest_lib.size_problems(manifest, self.list_files())
         if wrong:
             raise StorageError(
@@ -856,7 +865,8 @@ class Uploader:
             self._archived.add(name)
         return pending
 
-    def mirror(self, local_dir, name, keep_names, timestamps=None):
+    def mirror(self, local_dir, name, keep_names, timestamps=None,
+               progress=None, cancel=None, heal=True):
         """Uploads checkpoint `name`, heals the mirror, then applies
         retention.
 
@@ -874,6 +884,12 @@ class Uploader:
             keep_names: list of str, the checkpoints to keep remotely, oldest
                 first, ending with `name`.
             timestamps: list of float or None, see `commit()`.
+            progress: callable or None, called with the byte counts of
+                `name`'s files as they are sent.
+            cancel: `threading.Event` or None, see `upload_checkpoint()`.
+            heal: bool, whether to upload again the other checkpoints of
+                `keep_names` that the mirror lacks (False on preemption:
+                the budget goes to `name`; the next run heals).
 
         Returns:
             The names the mirror's pointer now lists.
@@ -883,11 +899,11 @@ class Uploader:
             _invalid(
                 "keep_names", keep_names, f"a list that includes {name!r}"
             )
-        self.upload_checkpoint(local_dir, name)
+        self.upload_checkpoint(local_dir, name, progress, cancel)
         complete = {m.name for m in self.complete_manifests()}
         local = {m.name for m in _local_complete(local_dir)}
         for other in keep_names:
-            if other in complete:
+            if other in complete or not heal:
                 continue
             if other not in local:
                 logger.warning(
@@ -1094,6 +1110,29 @@ class Uploader:
         if not (same and not manifest_lib.local_problems(local_dir, manifest)):
             self.download_checkpoint(name, local_dir, verify, progress)
         return manifest.timestamp
+
+
+class UploadCancelled(KerasCkptError):
+    """An upload stopped because its `cancel` event was set (a newer
+    checkpoint supersedes it). The checkpoint is not committed on the
+    store: its manifest was not written."""
+
+
+def _check_cancel(cancel, url):
+    if cancel is not None and cancel.is_set():
+        raise UploadCancelled(f"The upload of {url} was cancelled.")
+
+
+def _cancellable(progress, cancel, url):
+    """`progress` that raises `UploadCancelled` once `cancel` is set (the
+    SDKs call it between the parts of a file)."""
+
+    def report(nbytes):
+        _check_cancel(cancel, url)
+        if progress is not None:
+            progress(nbytes)
+
+    return report
 
 
 def _check_name(name):
