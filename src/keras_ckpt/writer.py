@@ -7,43 +7,21 @@ checkpointer, the background thread never swallows an exception: it stores
 it and `check_for_errors()` re-raises it on the training thread at the next
 batch or epoch boundary; `wait_until_finished()` flushes.
 
-The background thread runs at a lower scheduling priority (`WRITER_NICE`,
-Linux): TensorFlow runs the save kernels of an eager
-`tf.train.Checkpoint.write` on the calling thread (measured: all of its CPU
-time is on that thread, none on TF's thread pools), so lowering this one
-thread's priority gives training the cores first and the writer the idle
-cycles.
+The thread keeps the process's scheduling priority. TensorFlow runs the
+kernels of an eager `tf.train.Checkpoint.write` on the calling thread (all
+of its CPU time is on that thread, none on TF's thread pools), so a lower
+priority for this thread alone would reach the whole write; measured, it
+did not speed up training next to a write, and it slowed the write (and the
+final flush) wherever other processes took the CPUs; see "What each lever
+bought" in docs/performance.md.
 """
 
-import os
 import threading
 import time
 
 from keras_ckpt.errors import CheckpointWriteError
 
 WHEN_BUSY = ("wait", "skip")
-
-# `nice` of the writer thread: 10 gives it about a tenth of a core that
-# training keeps busy, and every idle cycle.
-WRITER_NICE = int(os.environ.get("KERAS_CKPT_WRITER_NICE", "10"))  # TEMP A/B
-
-
-def lower_thread_priority(nice=WRITER_NICE):
-    """Lowers the calling thread's scheduling priority to `nice` (Linux).
-
-    On Linux a thread is a schedulable task of its own, so
-    `setpriority(PRIO_PROCESS, native_id)` changes this thread only. Does
-    nothing where that is not supported (macOS, Windows) or not allowed.
-    """
-    if not nice or not hasattr(os, "setpriority"):
-        return
-    try:
-        tid = threading.get_native_id()
-        current = os.getpriority(os.PRIO_PROCESS, tid)
-        if current < nice:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-    except OSError:
-        pass
 
 
 class BackgroundWriter:
@@ -89,7 +67,6 @@ class BackgroundWriter:
         return True
 
     def _run(self, job):
-        lower_thread_priority()
         start = time.perf_counter()
         try:
             job()
