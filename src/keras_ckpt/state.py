@@ -269,9 +269,6 @@ class TrainingState:
     def __init__(self, model, entries=()):
         self.model = model
         self.entries = list(entries)
-        # {id(variable): (variable, host buffer)} reused by every snapshot
-        # taken with `copy=True`.
-        self._buffers = {}
 
     # -- grouping -------------------------------------------------------
     def variable_groups(self, include_optimizer=True, include_metrics=True):
@@ -318,23 +315,15 @@ class TrainingState:
         }
 
     # -- saving ---------------------------------------------------------
-    def snapshot(self, extra=None, copy=False):
+    def snapshot(self, extra=None):
         """Takes a consistent `Snapshot` of the current training state.
 
         Args:
             extra: dict or None, {name: state dict} saved like the state of
                 an adapter (the data position, under `DATA_POSITION`).
-            copy: bool. Copy every variable now into a host buffer kept for
-                the next snapshots (memory touched once, reused), instead of
-                holding the variables' own buffers, which the next training
-                step then copies before updating them. Only the caller's
-                guarantee that the previous snapshot is no longer in use
-                makes the reuse safe (the background writer is idle).
         """
         groups = self.variable_groups()
-        read = self._copy if copy and not tf.distribute.has_strategy() else (
-            _read)
-        tensors = {g: [read(v) for _, v in items] for g, items in groups.items()}
+        tensors = {g: [_read(v) for _, v in items] for g, items in groups.items()}
         specs = {
             g: [_spec(path, v) for path, v in items] for g, items in groups.items()
         }
@@ -357,22 +346,6 @@ class TrainingState:
                     for i, a in enumerate(arrays)
                 ]
         return Snapshot(tensors=tensors, specs=specs, values=values)
-
-    def _copy(self, variable):
-        """`variable`'s value copied into its reused host buffer (a
-        variable of this object: assigning into a buffer nothing else holds
-        copies in place, into memory already touched)."""
-        value = distribute.local_value(variable)
-        held = self._buffers.get(id(variable))
-        if held is None or held[0] is not variable:
-            with tf.device("/cpu:0"):
-                buffer = tf.Variable(tf.convert_to_tensor(value),
-                                     trainable=False)
-            self._buffers[id(variable)] = (variable, buffer)
-        else:
-            buffer = held[1]
-            buffer.assign(value)
-        return buffer.read_value()
 
     # -- restoring ------------------------------------------------------
     def check_compatible(self, saved_specs, source, include_optimizer=True):

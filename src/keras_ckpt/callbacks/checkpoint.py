@@ -532,17 +532,8 @@ class Checkpoint(distribute.Callback):
         requested = time.perf_counter()
         report = {}  # filled by the job, logged on the training thread
         data = self._data.get_state(self._batch)
-        background = self.async_save and not synchronous
-        if background and _SNAPSHOT_COPY:
-            # The reused snapshot buffers belong to the write in flight
-            # until it ends: wait (or skip) before copying into them.
-            when = when_busy or self.when_busy
-            if self._writer.busy and when == "skip":
-                return self._skipped()
-            self._writer.wait_until_finished(self.flush_timeout)
         snapshot = self._training_state.snapshot(
-            extra=None if data is None else {state_lib.DATA_POSITION: data},
-            copy=background and _SNAPSHOT_COPY)
+            extra=None if data is None else {state_lib.DATA_POSITION: data})
         position = dict(step=self._step, epoch=self._epoch, batch=self._batch)
         history = {"epochs": list(self._history_epochs),
                    "logs": {k: list(v) for k, v in self._history.items()}}
@@ -565,21 +556,19 @@ class Checkpoint(distribute.Callback):
             finally:  # a failed save is raised by check_for_errors
                 report["done"] = True
 
-        if background:
+        if self.async_save and not synchronous:
             if not self._writer.submit(job, when_busy=when_busy or self.when_busy):
-                return self._skipped()
+                self._saved_step = None
+                self._log(
+                    f"keras_ckpt: skipped the save at step {self._step}: "
+                    "the previous checkpoint is still being written.",
+                    mid_epoch=True)
+                return
         else:
             self._writer.wait_until_finished(self.flush_timeout)
             job()
         report["blocking"] = time.perf_counter() - requested
         self._reports.append(report)
-
-    def _skipped(self):
-        self._saved_step = None
-        self._log(
-            f"keras_ckpt: skipped the save at step {self._step}: "
-            "the previous checkpoint is still being written.",
-            mid_epoch=True)
 
     def _report_saves(self):
         """Logs the saves finished since the last call, records their cost
@@ -1133,7 +1122,6 @@ class Checkpoint(distribute.Callback):
 
 
 _LOGGERS = (keras.callbacks.TensorBoard, keras.callbacks.CSVLogger)
-_SNAPSHOT_COPY = os.environ.get("KERAS_CKPT_SNAPSHOT_COPY", "0") == "1"  # TEMP A/B
 # The end-of-fit flush says what it waits for after this many seconds, then
 # again every FLUSH_PROGRESS_EVERY s (in place on a terminal).
 FLUSH_QUIET_SECONDS = 2.0
