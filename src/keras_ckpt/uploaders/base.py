@@ -641,6 +641,7 @@ class Uploader:
                 (between files, and between the parts of a large file where
                 the store reports them) with `UploadCancelled`, before the
                 manifest is written: the checkpoint is not committed there.
+                Once every file is sent, the manifest is written anyway.
 
         Raises:
             UploadCancelled: `cancel` was set.
@@ -707,7 +708,8 @@ class Uploader:
             self.upload_file(
                 os.path.join(local_dir, filename), filename, progress
             )
-        _check_cancel(cancel, self._url_of(name))
+        # Every file is there: committing costs one small write, so a
+        # cancel that comes now lets it commit.
         wrong = manifest_lib.size_problems(manifest, self.list_files())
         if wrong:
             raise StorageError(
