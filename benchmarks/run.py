@@ -39,6 +39,10 @@ CONFIGS = (
 )
 # The growth sizes that are not in --sizes run only what the goals need.
 GROWTH_CONFIGS = ("none", "kc_async", "keras_backup")
+# Synchronous savers that no goal uses: in the accel host mode they run only
+# at the smallest full-comparison size unless --all-accel (keeps `make bench`
+# near half an hour on 2 cores).
+REF_CONFIGS = ("tf_manager", "keras_mc_weights", "keras_mc_full")
 HOSTS = ("cpu", "accel")
 HOST_LABELS = {
     "cpu": "CPU-bound host (training on every core)",
@@ -906,6 +910,9 @@ def main(argv=None):
     p.add_argument("--configs", default=",".join(CONFIGS[1:]),
                    help="comma-separated subset of: " + ", ".join(CONFIGS[1:])
                    + " (the baseline always runs)")
+    p.add_argument("--all-accel", action="store_true",
+                   help="accel host: run " + ", ".join(REF_CONFIGS) + " at "
+                        "every --sizes size (default: the smallest only)")
     p.add_argument("--saves", type=int, default=3,
                    help="saves inside the training loop (default 3; 2 at 4GB)")
     p.add_argument("--repeats", type=int, default=None,
@@ -1004,7 +1011,12 @@ def main(argv=None):
     t_all = time.perf_counter()
     try:
         for host in hosts:
+            smallest = min((s for s in plan if s in full),
+                           key=lambda s: size_bytes(plan[s][0]), default=None)
             for size, (spec, size_configs) in plan.items():
+                if host == "accel" and size != smallest and not args.all_accel:
+                    size_configs = [c for c in size_configs
+                                    if c not in REF_CONFIGS]
                 need = 3.4 * size_bytes(spec)
                 avail = mem_available()
                 raw = {}
