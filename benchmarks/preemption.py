@@ -44,15 +44,12 @@ PREFIX = "job"
 
 def child(args):
     """The training job: prints `BATCH <global step>` after every batch."""
-    if args.host == "accel":
-        import tensorflow as tf
+    from worker import build, configure_host, state_bytes
 
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+    configure_host(args.host)
     import keras
 
     import keras_ckpt
-    from worker import build, state_bytes
 
     model, data = build(args.width, args.layers, 8)
     print(f"STATE {state_bytes(model)}", flush=True)

@@ -52,6 +52,17 @@ _HOOKS = (
 )
 
 
+def configure_host(host):
+    """"accel": TensorFlow's pools limited to one thread, leaving a core
+    free. Call before TensorFlow runs its first op (the pools are created
+    then)."""
+    if host == "accel":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
 def _rss_peak_bytes():
     # Linux reports ru_maxrss in KiB.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -404,13 +415,8 @@ def main(argv=None):
     p.add_argument("--device-ms", type=float, default=0.0,
                    help="accel: a device step of this length per batch")
     args = p.parse_args(argv)
-    if args.host == "accel":
-        import tensorflow as tf
-
-        # Before TensorFlow runs its first op (the pools are created then).
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    else:
+    configure_host(args.host)
+    if args.host != "accel":
         args.device_ms = 0.0
 
     import logging
