@@ -539,7 +539,9 @@ GOALS = (
      {"cpu": 1.5, "accel": 1.5}, "<="),
     ("write_rate", "background write throughput / raw write+fsync "
      "(a core free)", {"accel": 0.8}, ">="),
-    ("memory", "peak extra memory / the state", {"cpu": 1.0, "accel": 1.0},
+    # 1x the state, +5%: the issue counts today's +1.03 GB per GB as met
+    # ("keep it"); the rest is the allocator's and TensorFlow's slack.
+    ("memory", "peak extra memory / the state", {"cpu": 1.05, "accel": 1.05},
      "<="),
 )
 GROWTH_LIMIT = 1.1  # fitted exponent: 1 = linear, +0.1 for noise
