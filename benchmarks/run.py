@@ -45,8 +45,8 @@ GROWTH_CONFIGS = ("none", "kc_async", "keras_backup")
 REF_CONFIGS = ("tf_manager", "keras_mc_weights", "keras_mc_full")
 HOSTS = ("cpu", "accel")
 HOST_LABELS = {
-    "cpu": "CPU-bound host (training on every core)",
-    "accel": "accelerator-like host (training on 1 core, 1 free)",
+    "cpu": "CPU-bound host, training on every core",
+    "accel": "accelerator-like host, training on 1 core, 1 free",
 }
 LABELS = {
     "none": "fit, no checkpoints (baseline)",
@@ -760,6 +760,9 @@ def plot(analysed, path):
             ax.set_xlabel("training state (MB)")
             ax.grid(True, which="both", alpha=0.3)
         axes[0][col].axhline(0, color="black", linewidth=0.5)
+        # Log-like above 0.05 s (linear growth reads as a slope of 1), and
+        # still showing a stall that noise made negative.
+        axes[0][col].set_yscale("symlog", linthresh=0.05)
     handles, labels = axes[0][0].get_legend_handles_labels()
     h2, l2 = axes[1][0].get_legend_handles_labels()
     for h, l in zip(h2, l2):
