@@ -883,12 +883,14 @@ def run_preemption(args, host):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                               timeout=args.timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.timeout} s"}
+        return {"error": f"timed out after {args.timeout} s",
+                "size": args.preemption_size}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {"error": f"exit {proc.returncode}: " + " / ".join(tail)}
-    return json.loads(lines[-1])
+        return {"error": f"exit {proc.returncode}: " + " / ".join(tail),
+                "size": args.preemption_size}
+    return dict(json.loads(lines[-1]), size=args.preemption_size)
 
 
 # ---------------------------------------------------------------------------
