@@ -24,6 +24,11 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(PIP) install --quiet -e ".[test,docs]"
 	touch $@ $(VENV)/.installed-demo
 
+# The benchmark's plot (matplotlib), on top of the test extras.
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e ".[test,bench]"
+	touch $@
+
 $(AZURITE):
 	mkdir -p $(AZURITE_DIR)
 	cd $(AZURITE_DIR) && npm install --silent --no-audit --no-fund --no-save azurite@$(AZURITE_VERSION)
@@ -53,8 +58,12 @@ test-seeds: $(VENV)/.installed-test $(AZURITE)
 	    tests/test_distributed.py::test_mirrored_sigkill_and_resume_is_bitwise_exact || exit 1; \
 	done
 
-bench: $(VENV)/.installed-test $(AZURITE)
-	$(BIN)/python benchmarks/run.py
+# `make bench BENCH_HOST=cpu` (or accel) for one host mode; BENCH_ARGS adds
+# run.py options (e.g. BENCH_ARGS="--wait-idle 60").
+BENCH_HOST ?= both
+BENCH_ARGS ?=
+bench: $(VENV)/.installed-test $(VENV)/.installed-bench $(AZURITE)
+	$(BIN)/python benchmarks/run.py --host $(BENCH_HOST) $(BENCH_ARGS)
 	KERAS_CKPT_AZURITE=$(abspath $(AZURITE)) $(BIN)/python benchmarks/mirror.py
 	$(BIN)/python benchmarks/resume.py
 

@@ -18,6 +18,15 @@ Configurations (same model, same data, same save points):
   keras_mc_weights  keras.callbacks.ModelCheckpoint(... .weights.h5,
                save_weights_only=True, save_freq=N)
   keras_mc_full     keras.callbacks.ModelCheckpoint(... .keras, save_freq=N)
+
+Host modes (`--host`):
+  cpu          TensorFlow's default thread pools: training uses every core,
+               as CPU training does.
+  accel        an accelerator-like host: TensorFlow's intra- and inter-op
+               pools limited to 1 thread, set before TensorFlow runs an op, so
+               training keeps one core busy and leaves the other free, as a
+               host feeding a GPU/TPU does. `--device-ms` adds a fixed wait
+               per step (time.sleep, no CPU, GIL released) for a device step.
 """
 
 import argparse
@@ -41,6 +50,17 @@ _HOOKS = (
     "on_train_begin", "on_epoch_begin", "on_train_batch_begin",
     "on_train_batch_end", "on_epoch_end", "on_train_end",
 )
+
+
+def configure_host(host):
+    """"accel": TensorFlow's pools limited to one thread, leaving a core
+    free. Call before TensorFlow runs its first op (the pools are created
+    then)."""
+    if host == "accel":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
 def _rss_peak_bytes():
@@ -99,9 +119,15 @@ def state_bytes(model):
 
 
 class Clock:
-    """Two callbacks, one first and one last in the list: step boundaries."""
+    """Two callbacks, one first and one last in the list: step boundaries.
 
-    def __init__(self):
+    `device_s` > 0: the last callback sleeps that long at each batch end
+    before taking the step's end time: a device step the host waits for
+    (accelerator-like host mode), outside the hooks of the callback under
+    test.
+    """
+
+    def __init__(self, device_s=0.0):
         import keras
 
         clock = self
@@ -119,6 +145,8 @@ class Clock:
                 self.steps = steps
 
             def on_train_batch_end(self, batch, logs=None):
+                if device_s > 0:
+                    time.sleep(device_s)
                 clock.end.append(time.perf_counter())
                 if batch == self.steps - 1 and clock.on_last_batch:
                     clock.on_last_batch()
@@ -146,9 +174,18 @@ def time_hooks(callback):
 
 
 def time_methods(obj, names, record):
-    """Patches `obj.<name>` to append (name, start, seconds) to `record`."""
+    """Patches `obj.<name>` to append (name, start, seconds) to `record`.
+
+    Defensive: keras_ckpt's internals may move (the benchmark must survive
+    a refactor of src/); a missing object or method is skipped and its name
+    returned, and the analysis reports "n/a" for what it would have timed.
+    """
+    missing = []
     for name in names:
-        original = getattr(obj, name)
+        original = getattr(obj, name, None) if obj is not None else None
+        if not callable(original):
+            missing.append(name)
+            continue
 
         def timed(*args, _original=original, _name=name, **kwargs):
             start = time.perf_counter()
@@ -158,6 +195,7 @@ def time_methods(obj, names, record):
                 record.append((_name, start, time.perf_counter() - start))
 
         setattr(obj, name, timed)
+    return missing
 
 
 def make_callback(config, model, directory, save_freq):
@@ -174,8 +212,11 @@ def make_callback(config, model, directory, save_freq):
             max_to_keep=2,
         )
         record = []
-        time_methods(cb._store, ("write", "retain"), record)
-        time_methods(cb._writer, ("wait_until_finished",), record)
+        missing = time_methods(getattr(cb, "_store", None),
+                               ("write", "retain"), record)
+        missing += time_methods(getattr(cb, "_writer", None),
+                                ("wait_until_finished",), record)
+        cb._bench_untimed = missing
         return cb, record
     if config == "tf_manager":
         ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
@@ -224,7 +265,7 @@ def one_fit(config, model, data, args, tmp_root):
     """One fit with `config`'s callback ("none": without); its timings."""
     directory = tempfile.mkdtemp(prefix=f"{config}-", dir=tmp_root)
     steps = args.saves * args.save_freq + args.save_freq // 2
-    clock = Clock()
+    clock = Clock(args.device_ms / 1000.0)
     callbacks, hooks, record, ckpt = [clock.First()], None, None, None
     if config != "none":
         ckpt, record = make_callback(config, model, directory, args.save_freq)
@@ -243,7 +284,8 @@ def one_fit(config, model, data, args, tmp_root):
     start = time.perf_counter()
     model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0,
               callbacks=callbacks)
-    fit_s = time.perf_counter() - start
+    returned = time.perf_counter()
+    fit_s = returned - start
 
     begin, end = clock.begin, clock.end
     result = {
@@ -251,6 +293,9 @@ def one_fit(config, model, data, args, tmp_root):
         "steps": steps,
         "saves": args.saves,
         "fit_s": fit_s,
+        # From the end of the last batch to fit() returning: on_train_end
+        # (keras_ckpt: the final checkpoint committed and flushed).
+        "after_last_batch_s": returned - end[-1],
         "loop_s": end[-1] - begin[0],
         "step_s": [e - b for b, e in zip(begin, end)],
         "step_begin": [b - start for b in begin],
@@ -269,10 +314,14 @@ def one_fit(config, model, data, args, tmp_root):
         result["train_end_s"] = sum(
             c[2] for c in hooks if c[0] == "on_train_end")
     if ckpt is not None and config.startswith("kc_"):
-        manifest = ckpt.last_saved
-        result["bytes"] = int(manifest.total_bytes) + os.path.getsize(
-            ckpt._store.manifest_path(manifest.name))
-        result["data_bytes"] = int(manifest.total_bytes)
+        result["untimed"] = getattr(ckpt, "_bench_untimed", [])
+        try:
+            manifest = ckpt.last_saved
+            result["data_bytes"] = int(manifest.total_bytes)
+            result["bytes"] = result["data_bytes"] + os.path.getsize(
+                ckpt._store.manifest_path(manifest.name))
+        except Exception:  # internals moved: fall back to the directory
+            result["bytes"] = _dir_bytes(directory) // 2 or None
         # One entry per save: store.write (+ the retain that follows it).
         writes = [r for r in record if r[0] == "write"]
         retains = [r for r in record if r[0] == "retain"]
@@ -362,7 +411,13 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--floor-repeats", type=int, default=3)
     p.add_argument("--tmp-root", required=True)
+    p.add_argument("--host", choices=("cpu", "accel"), default="cpu")
+    p.add_argument("--device-ms", type=float, default=0.0,
+                   help="accel: a device step of this length per batch")
     args = p.parse_args(argv)
+    configure_host(args.host)
+    if args.host != "accel":
+        args.device_ms = 0.0
 
     import logging
     import warnings
@@ -376,6 +431,7 @@ def main(argv=None):
         "state_bytes": state_bytes(model),
         "params": int(model.count_params()),
         "setup_s": time.perf_counter() - t0,
+        "host": args.host, "device_ms": args.device_ms,
         "versions": _versions(),
         "runs": [],
     }
