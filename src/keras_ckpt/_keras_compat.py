@@ -251,6 +251,24 @@ def build_compiled_metrics(model, data_batch):
     return compile_metrics.built
 
 
+def model_unbuilt(model):
+    """Whether some layer of `model` has not created its variables yet."""
+    return not all(layer.built for layer in model._flatten_layers())
+
+
+def build_from_input(model, epoch_iterator):
+    """Builds an unbuilt model (and its optimizer, metrics and loss) from the
+    shapes of the input `fit` trains on, as `fit`'s first trace would.
+
+    Without a distribution strategy Keras 3 creates the variables of a model
+    never called only when `train_function` is first traced, after
+    `on_train_begin`; a restore needs them before. The batch is built from
+    the dataset's `element_spec` (no batch is drawn from the input).
+    """
+    dataset = type(epoch_iterator)._get_iterator(epoch_iterator)
+    model._symbolic_build(data_batch=zeros_like_spec(dataset.element_spec))
+
+
 def zeros_like_spec(element_spec):
     """A batch of zeros matching a dataset's `element_spec` (for building)."""
     return tf.nest.map_structure(

@@ -774,6 +774,8 @@ class Checkpoint(distribute.Callback):
     def _build_for_restore(self, manifest, source):
         """Creates the variables a restore assigns, whatever `built` says."""
         model = self.model
+        if compat.model_unbuilt(model) and self._fit_iterator is not None:
+            compat.build_from_input(model, self._fit_iterator)
         if not model.built and not model.variables:
             raise ValueError(
                 "keras_ckpt.Checkpoint needs a model whose variables exist to "
