@@ -491,20 +491,19 @@ def build_for_restore(model, manifest, source, epoch_iterator=None):
     checkpoint holds slots for is built, or they would be created (zeroed)
     after the restore.
     """
+    cause = ""
     if epoch_iterator is not None and compat.model_unbuilt(model):
         try:
             compat.build_from_input(model, epoch_iterator)
-        except Exception as e:  # e.g. a call() that needs concrete values
-            raise ValueError(
-                f"keras_ckpt.Checkpoint cannot resume from {source}: the "
-                "model is not built and could not be built from the input's "
-                f"shapes ({type(e).__name__}: {e}). Build it before fit(), "
-                "e.g. with keras.Input(...) or by calling it on a batch of "
-                "data.") from e
+        except Exception as e:
+            # No `call()` (a `train_step` model whose sub-models hold every
+            # variable), or one that needs concrete values: the variables
+            # that exist are checked against the checkpoint below.
+            cause = f" It could not be built from the input's shapes: {e}"
     if not model.built and not model.variables:
         raise ValueError(
             "keras_ckpt.Checkpoint needs a model whose variables exist to "
-            f"resume from {source}. Build it before fit(), e.g. with "
+            f"resume from {source}.{cause} Build it before fit(), e.g. with "
             "keras.Input(...) or by calling it on a batch of data."
         )
     optimizer = getattr(model, "optimizer", None)
