@@ -414,8 +414,29 @@ def build_from_input(model, epoch_iterator):
     `on_train_begin`; a restore needs them before. The batch is built from
     the dataset's `element_spec` (no batch is drawn from the input).
     """
-    dataset = type(epoch_iterator)._get_iterator(epoch_iterator)
-    model._symbolic_build(data_batch=zeros_like_spec(dataset.element_spec))
+    model._symbolic_build(data_batch=zeros_like_spec(_input_spec(epoch_iterator)))
+
+
+def trace_train_step(model, epoch_iterator):
+    """Traces `model.train_step` once on the input's spec, without running
+    it: what `fit`'s first trace creates lazily (layers built in `call`,
+    optimizer slots created by the first `apply_gradients`) then exists,
+    and nothing was updated.
+
+    Keras 3 creates variables met while tracing in an `init_scope`, so they
+    outlive this throwaway trace; `fit` traces its own function afterwards
+    and finds them built.
+    """
+    with model.distribute_strategy.scope():
+        tf.function(model.train_step).get_concrete_function(
+            _input_spec(epoch_iterator))
+
+
+def _input_spec(epoch_iterator):
+    """The `element_spec` of the input `fit` trains on (Keras 3's
+    `TFEpochIterator` keeps the dataset it iterates in `_get_iterator()`;
+    the class's method, not a wrapper installed on the instance)."""
+    return type(epoch_iterator)._get_iterator(epoch_iterator).element_spec
 
 
 def zeros_like_spec(element_spec):

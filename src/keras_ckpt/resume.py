@@ -485,43 +485,58 @@ class Resume:
 def build_for_restore(model, manifest, source, epoch_iterator=None):
     """Creates the variables a restore assigns, whatever `built` says.
 
-    A model `fit` has not built yet (Keras 3 builds a model never called
-    when it first traces `train_function`, after `on_train_begin`) is built
-    from the shapes of the input, as that trace would; an optimizer the
-    checkpoint holds slots for is built, or they would be created (zeroed)
-    after the restore.
+    Keras 3 creates what a model never called, or an optimizer never used,
+    holds only when `fit` first traces `train_function`, after
+    `on_train_begin`. Here, before the first update: a model not built yet
+    is built from the shapes of the input (as Keras does under a
+    distribution strategy), the compiled optimizer is built; if the
+    checkpoint still holds variables that do not exist (an optimizer held as
+    an attribute and used only in `train_step`, a layer built in `call`),
+    `train_step` is traced once on the input's spec without running it.
     """
-    cause = ""
+    causes = []
     if epoch_iterator is not None and compat.model_unbuilt(model):
         try:
             compat.build_from_input(model, epoch_iterator)
         except Exception as e:
             # No `call()` (a `train_step` model whose sub-models hold every
-            # variable), or one that needs concrete values: the variables
-            # that exist are checked against the checkpoint below.
-            cause = f" It could not be built from the input's shapes: {e}"
-    if not model.built and not model.variables:
-        raise ValueError(
-            "keras_ckpt.Checkpoint needs a model whose variables exist to "
-            f"resume from {source}.{cause} Build it before fit(), e.g. with "
-            "keras.Input(...) or by calling it on a batch of data."
-        )
+            # variable), or one that needs concrete values.
+            causes.append(f"building it from the input's shapes failed: {e}")
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and "optimizer" in manifest.variables and (
         not compat.optimizer_built(optimizer)
     ):
         optimizer.build(model.trainable_variables)
-    for attr, other in state_lib.attribute_optimizers(model):
-        if f"optimizer/{attr}" in manifest.variables and (
-            not compat.optimizer_built(other)
-        ):
-            raise ValueError(
-                f"keras_ckpt.Checkpoint cannot resume from {source}: "
-                f"`model.{attr}` is not built, so its slots would be "
-                "created (zeroed) after the restore. Build it before "
-                f"fit(), e.g. `model.{attr}.build(<the sub-model it "
-                "updates>.trainable_variables)`."
-            )
+    if epoch_iterator is not None and (
+        not model.variables or _unbuilt_optimizers(model, manifest)
+    ):
+        try:
+            compat.trace_train_step(model, epoch_iterator)
+        except Exception as e:
+            causes.append(f"tracing its train_step failed: {e}")
+    cause = "".join(f" ({c})" for c in causes)
+    if not model.built and not model.variables:
+        raise ValueError(
+            "keras_ckpt.Checkpoint needs a model whose variables exist to "
+            f"resume from {source}{cause}. Build it before fit(), e.g. with "
+            "keras.Input(...) or by calling it on a batch of data."
+        )
+    for attr in _unbuilt_optimizers(model, manifest):
+        raise ValueError(
+            f"keras_ckpt.Checkpoint cannot resume from {source}: "
+            f"`model.{attr}` is not built, so its slots would be "
+            f"created (zeroed) after the restore{cause}. Build it before "
+            f"fit(), e.g. `model.{attr}.build(<the sub-model it "
+            "updates>.trainable_variables)`."
+        )
+
+
+def _unbuilt_optimizers(model, manifest):
+    """Attributes of `model` holding an optimizer that the checkpoint holds
+    slots for but that is not built."""
+    return [attr for attr, other in state_lib.attribute_optimizers(model)
+            if f"optimizer/{attr}" in manifest.variables
+            and not compat.optimizer_built(other)]
 
 
 def branch_note(store, manifest):
