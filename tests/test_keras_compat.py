@@ -394,6 +394,48 @@ def test_build_from_input_creates_every_variable_before_training():
     assert probe.batches == [0, 1, 2]
 
 
+@pytest.mark.skipif(os.environ.get("TF_USE_LEGACY_KERAS") == "1",
+                    reason="Keras 3 only")
+def test_trace_train_step_builds_lazy_optimizers_without_running():
+    found = {}
+
+    class TwoOptimizers(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+            self.extra = keras.optimizers.SGD(0.1)
+
+        def call(self, x):
+            return self.dense(x)
+
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean((self(x) - y) ** 2)
+            grads = tape.gradient(loss, self.trainable_variables)
+            self.extra.apply_gradients(zip(grads, self.trainable_variables))
+            return {"loss": loss}
+
+    def on_begin(epoch_iterator):
+        model = probe.model
+        before = [v.numpy().copy() for v in model.variables]
+        compat.trace_train_step(model, epoch_iterator)
+        found["built"] = compat.optimizer_built(model.extra)
+        found["unchanged"] = all(
+            np.array_equal(a, v.numpy()) for a, v in zip(before, model.variables))
+        found["iterations"] = int(model.extra.iterations.numpy())
+
+    model = TwoOptimizers()
+    model.compile(optimizer="sgd")
+    probe = _Probe(on_begin)
+    ds = tf.data.Dataset.from_tensor_slices(_data()).batch(4)
+    model.fit(ds, epochs=1, verbose=0, callbacks=[probe])
+    assert found == {"built": True, "unchanged": True, "iterations": 0}, (
+        "tracing Model.train_step in a tf.function no longer creates the "
+        f"optimizer's slots (in an init_scope) without running it: {found}")
+    assert int(model.extra.iterations.numpy()) == 3  # fit still trains
+
+
 def test_global_generators_are_keras_and_tf_global_rngs():
     keras.random.normal((1,))  # creates Keras' global SeedGenerator
     tf.random.get_global_generator()

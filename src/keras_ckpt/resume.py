@@ -399,9 +399,9 @@ class Resume:
             history.history = {k: list(v) for k, v in logs.items()}
 
     def finish_pending(self, model, training_state, epochs, logs):
-        """Applies what is still pending: History, `state=` objects."""
-        self.prefill_history(model, epochs, logs)
+        """Applies what is still pending: `state=` objects, History."""
         self.apply_values(training_state, None)
+        self.prefill_history(model, epochs, logs)
 
     # -- 5: the interrupted epoch -----------------------------------------
     def hides(self, batch):
