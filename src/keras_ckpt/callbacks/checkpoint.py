@@ -10,6 +10,7 @@ import time
 import warnings
 
 import keras
+
 from keras_ckpt import _args
 from keras_ckpt import _keras_compat as compat
 from keras_ckpt import commit as commit_lib
