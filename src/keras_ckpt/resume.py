@@ -328,7 +328,6 @@ class Resume:
     def __init__(self, found=None, log=None):
         self.found = found
         self.log = log  # prints a line when verbose, or None
-        self.arrays = None
         # Batches of the resumed epoch trained before the restart: hidden
         # from every callback until the first batch this run trains.
         self.skip_until = None
@@ -355,9 +354,9 @@ class Resume:
         build_for_restore(model, manifest, source, epoch_iterator)
         training_state.check_compatible(manifest.variables, source)
         arrays = store.read_arrays(manifest)
-        self.arrays = arrays
-        training_state.assign(
-            arrays, [g for g in manifest.variables if not g.startswith("metrics")])
+        # The running metrics wait until Keras has reset them (step 5).
+        training_state.assign(arrays, [
+            g for g in manifest.variables if not g.startswith("metrics")])
         compat.set_initial_epoch(model, manifest.epoch)
         self._values = (manifest.state, arrays)
         # Plain objects now; callbacks once their own on_train_begin has run.
