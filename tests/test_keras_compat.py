@@ -6,6 +6,7 @@ fails here, naming it, instead of a resume going silently wrong.
 """
 
 import ast
+import importlib.util
 import os
 import random
 import subprocess
@@ -434,6 +435,36 @@ def test_trace_train_step_builds_lazy_optimizers_without_running():
         "tracing Model.train_step in a tf.function no longer creates the "
         f"optimizer's slots (in an init_scope) without running it: {found}")
     assert int(model.extra.iterations.numpy()) == 3  # fit still trains
+
+
+@pytest.mark.skipif(os.environ.get("TF_USE_LEGACY_KERAS") == "1",
+                    reason="Keras 3 only")
+def test_failed_build_from_input_leaves_no_name_scope_behind():
+    from keras.src.backend.tensorflow.trainer import TFEpochIterator
+
+    # Keras' DCGAN pattern (no call()), its class named with a leading "_":
+    # Keras 3.15 pushes the model's name scope, then fails on it.
+    spec = importlib.util.spec_from_file_location(
+        "everyday", os.path.join(os.path.dirname(__file__), "scripts",
+                                 "everyday.py"))
+    everyday = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(everyday)
+    class _PrivateGAN(everyday.GAN):  # "__private_gan": no valid scope name
+        pass
+
+    model = _PrivateGAN()
+    model.compile(keras.optimizers.Adam(), keras.optimizers.Adam())
+    epoch_iterator = TFEpochIterator(
+        x=tf.data.Dataset.from_tensor_slices(everyday.data()[0]).batch(8),
+        distribute_strategy=tf.distribute.get_strategy())
+    with pytest.raises(Exception):
+        compat.build_from_input(model, epoch_iterator)
+    layer = keras.layers.Dense(1, name="after")
+    layer.build((None, 3))
+    assert layer.kernel.path == "after/kernel", (
+        "a failed Trainer._symbolic_build left Keras' name scope of the "
+        "model pushed (global 'name_scope_stack'): every later layer's "
+        f"variables are prefixed: {layer.kernel.path}")
 
 
 def test_global_generators_are_keras_and_tf_global_rngs():

@@ -17,6 +17,7 @@ Keras utilities. `tests/test_keras_compat.py::test_internals_stay_here`
 keeps them here.
 """
 
+import contextlib
 import functools
 import os
 import sys
@@ -414,7 +415,9 @@ def build_from_input(model, epoch_iterator):
     `on_train_begin`; a restore needs them before. The batch is built from
     the dataset's `element_spec` (no batch is drawn from the input).
     """
-    model._symbolic_build(data_batch=zeros_like_spec(_input_spec(epoch_iterator)))
+    with _name_scopes_kept():
+        model._symbolic_build(
+            data_batch=zeros_like_spec(_input_spec(epoch_iterator)))
 
 
 def trace_train_step(model, epoch_iterator):
@@ -427,9 +430,29 @@ def trace_train_step(model, epoch_iterator):
     outlive this throwaway trace; `fit` traces its own function afterwards
     and finds them built.
     """
-    with model.distribute_strategy.scope():
+    with _name_scopes_kept(), model.distribute_strategy.scope():
         tf.function(model.train_step).get_concrete_function(
             _input_spec(epoch_iterator))
+
+
+@contextlib.contextmanager
+def _name_scopes_kept():
+    """Puts Keras' name-scope stack back if what runs inside fails.
+
+    Keras 3.15 pushes a model's name scope (global attribute
+    `"name_scope_stack"`) before checking the name: a model whose class
+    name starts with "_" fails with its scope left pushed, and every layer
+    created afterwards in the process would get that prefix.
+    """
+    from keras.src.backend.common import global_state
+
+    stack = global_state.get_global_attribute("name_scope_stack")
+    kept = list(stack) if stack is not None else None
+    try:
+        yield
+    except Exception:
+        global_state.set_global_attribute("name_scope_stack", kept)
+        raise
 
 
 def _input_spec(epoch_iterator):
