@@ -23,7 +23,8 @@ import pytest
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "everyday.py")
 SEED = int(os.environ.get("KERAS_CKPT_TEST_SEED", random.randrange(1 << 30)))
 JOBS = ("numpy", "augment", "mixed", "adamw", "loggers", "pydataset",
-        "reshuffle", "repeat", "gan", "generator")
+        "reshuffle", "repeat", "gan", "generator", "subclassed", "no_input",
+        "gan_lazy")
 TOTAL_STEPS = 3 * 6  # EPOCHS * BATCHES in everyday.py ("repeat": 3 * 4)
 
 

@@ -5,6 +5,8 @@ or TensorFlow renames or changes one of these internals, the matching test
 fails here, naming it, instead of a resume going silently wrong.
 """
 
+import ast
+import importlib.util
 import os
 import random
 import subprocess
@@ -264,3 +266,348 @@ def test_fit_loop_names_keras_ckpt_relies_on():
     assert hasattr(epoch_iterator.EpochIterator, "_enumerate_iterator")
     board = keras.callbacks.TensorBoard()
     assert hasattr(board, "_global_train_batch") and hasattr(board, "_writers")
+
+
+# ---------------------------------------------------------------------------
+# Which Keras (tf_keras shims).
+# ---------------------------------------------------------------------------
+
+
+def test_uses_legacy_keras_reads_tensorflows_switch():
+    assert compat.uses_legacy_keras({"TF_USE_LEGACY_KERAS": "1"})
+    assert not compat.uses_legacy_keras({"TF_USE_LEGACY_KERAS": "0"})
+    assert not compat.uses_legacy_keras({})
+    assert issubclass(compat.Callback, keras.callbacks.Callback) or (
+        compat.tf_keras is not None), "Callback is neither Keras 3's nor tf_keras'"
+    assert keras.callbacks.Callback in compat.CALLBACK_TYPES
+
+
+def test_callback_state_fields_exist_on_keras_callbacks():
+    fields = compat.callback_state_fields()
+    model = _model()
+    for cls in (keras.callbacks.EarlyStopping,
+                keras.callbacks.ReduceLROnPlateau):
+        callback = cls(monitor="loss")
+        callback.set_model(model)
+        callback.on_train_begin()
+        missing = [f for f in fields[cls] if not hasattr(callback, f)]
+        assert not missing, (
+            f"keras.callbacks.{cls.__name__} no longer has {missing}: its "
+            "state would not be saved")
+    checkpoint = keras.callbacks.ModelCheckpoint("/tmp/unused.keras")
+    missing = [f for f in fields[keras.callbacks.ModelCheckpoint]
+               if not hasattr(checkpoint, f)]
+    assert not missing, (
+        f"keras.callbacks.ModelCheckpoint no longer has {missing} (private "
+        "attributes keras_ckpt saves)")
+    assert keras.callbacks.TerminateOnNaN in compat.stateless_callbacks()
+
+
+def test_is_legacy_model_and_optimizer_built():
+    model = _model()
+    assert not compat.is_legacy_model(model)
+    optimizer = keras.optimizers.Adam()
+    assert compat.optimizer_built(optimizer) is False
+    optimizer.build(model.trainable_variables)
+    assert compat.optimizer_built(optimizer) is True, (
+        "keras.optimizers.Optimizer.built no longer says it was built")
+
+
+@pytest.mark.skipif(os.environ.get("TF_USE_LEGACY_KERAS") == "1",
+                    reason="Keras 3 only")
+def test_optimizer_learning_rate_is_the_variable_keras_lists():
+    optimizer = keras.optimizers.SGD(0.25)
+    optimizer.build(_model().trainable_variables)
+    learning_rate = compat.optimizer_learning_rate(optimizer)
+    assert isinstance(learning_rate, keras.Variable), (
+        "Optimizer._learning_rate is no longer the learning-rate variable")
+    assert any(v is learning_rate for v in optimizer.variables)
+    assert float(learning_rate.numpy()) == 0.25
+
+
+def test_steps_per_execution():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse", steps_per_execution=3)
+    assert compat.steps_per_execution(model) == 3, (
+        "model.steps_per_execution no longer holds the compile() value")
+    assert compat.steps_per_execution(_model()) == 1
+
+
+# ---------------------------------------------------------------------------
+# Where fit starts; building an unbuilt model; global RNGs.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.environ.get("TF_USE_LEGACY_KERAS") == "1",
+                    reason="Keras 3 only")
+def test_set_initial_epoch_makes_fit_start_there():
+    epochs = []
+
+    class StartAt(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            compat.set_initial_epoch(self.model, 2)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            epochs.append(epoch)
+
+    model = _model()
+    model.fit(*_data(), batch_size=4, epochs=4, verbose=0,
+              callbacks=[StartAt()])
+    assert epochs == [2, 3], (
+        "Keras' fit no longer reads model._initial_epoch after on_train_begin")
+    compat.clear_initial_epoch(model)
+    assert model._initial_epoch is None
+
+
+class UnbuiltModel(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+@pytest.mark.skipif(os.environ.get("TF_USE_LEGACY_KERAS") == "1",
+                    reason="Keras 3 only")
+def test_build_from_input_creates_every_variable_before_training():
+    found = {}
+
+    def on_begin(epoch_iterator):
+        model = probe.model
+        found["unbuilt"] = compat.model_unbuilt(model)
+        compat.build_from_input(model, epoch_iterator)
+        found["variables"] = len(model.variables)
+        found["optimizer"] = compat.optimizer_built(model.optimizer)
+        found["iterations"] = int(model.optimizer.iterations.numpy())
+
+    model = UnbuiltModel()
+    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    probe = _Probe(on_begin)
+    ds = tf.data.Dataset.from_tensor_slices(_data()).batch(4)
+    model.fit(ds, epochs=1, verbose=0, callbacks=[probe])
+    assert found["unbuilt"], (
+        "Keras' fit builds a model never called before on_train_begin now: "
+        "build_from_input is no longer needed")
+    assert found["variables"] == 2 and found["optimizer"], (
+        "Trainer._symbolic_build no longer builds the model and optimizer")
+    assert found["iterations"] == 0  # nothing trained
+    assert probe.batches == [0, 1, 2]
+
+
+@pytest.mark.skipif(os.environ.get("TF_USE_LEGACY_KERAS") == "1",
+                    reason="Keras 3 only")
+def test_trace_train_step_builds_lazy_optimizers_without_running():
+    found = {}
+
+    class TwoOptimizers(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+            self.extra = keras.optimizers.SGD(0.1)
+
+        def call(self, x):
+            return self.dense(x)
+
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean((self(x) - y) ** 2)
+            grads = tape.gradient(loss, self.trainable_variables)
+            self.extra.apply_gradients(zip(grads, self.trainable_variables))
+            return {"loss": loss}
+
+    def on_begin(epoch_iterator):
+        model = probe.model
+        before = [v.numpy().copy() for v in model.variables]
+        compat.trace_train_step(model, epoch_iterator)
+        found["built"] = compat.optimizer_built(model.extra)
+        found["unchanged"] = all(
+            np.array_equal(a, v.numpy()) for a, v in zip(before, model.variables))
+        found["iterations"] = int(model.extra.iterations.numpy())
+
+    model = TwoOptimizers()
+    model.compile(optimizer="sgd")
+    probe = _Probe(on_begin)
+    ds = tf.data.Dataset.from_tensor_slices(_data()).batch(4)
+    model.fit(ds, epochs=1, verbose=0, callbacks=[probe])
+    assert found == {"built": True, "unchanged": True, "iterations": 0}, (
+        "tracing Model.train_step in a tf.function no longer creates the "
+        f"optimizer's slots (in an init_scope) without running it: {found}")
+    assert int(model.extra.iterations.numpy()) == 3  # fit still trains
+
+
+@pytest.mark.skipif(os.environ.get("TF_USE_LEGACY_KERAS") == "1",
+                    reason="Keras 3 only")
+def test_failed_build_from_input_leaves_no_name_scope_behind():
+    from keras.src.backend.tensorflow.trainer import TFEpochIterator
+
+    # Keras' DCGAN pattern (no call()), its class named with a leading "_":
+    # Keras 3.15 pushes the model's name scope, then fails on it.
+    spec = importlib.util.spec_from_file_location(
+        "everyday", os.path.join(os.path.dirname(__file__), "scripts",
+                                 "everyday.py"))
+    everyday = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(everyday)
+    class _PrivateGAN(everyday.GAN):  # "__private_gan": no valid scope name
+        pass
+
+    model = _PrivateGAN()
+    model.compile(keras.optimizers.Adam(), keras.optimizers.Adam())
+    epoch_iterator = TFEpochIterator(
+        x=tf.data.Dataset.from_tensor_slices(everyday.data()[0]).batch(8),
+        distribute_strategy=tf.distribute.get_strategy())
+    with pytest.raises(Exception):
+        compat.build_from_input(model, epoch_iterator)
+    layer = keras.layers.Dense(1, name="after")
+    layer.build((None, 3))
+    assert layer.kernel.path == "after/kernel", (
+        "a failed Trainer._symbolic_build left Keras' name scope of the "
+        "model pushed (global 'name_scope_stack'): every later layer's "
+        f"variables are prefixed: {layer.kernel.path}")
+
+
+def test_global_generators_are_keras_and_tf_global_rngs():
+    keras.random.normal((1,))  # creates Keras' global SeedGenerator
+    tf.random.get_global_generator()
+    names = dict(compat.global_generators())
+    assert set(names) == {"keras_global_seed_generator",
+                          "tf_global_generator"}, (
+        f"Keras' global_seed_generator or TF's global_generator moved: {names}")
+    before = names["keras_global_seed_generator"].numpy().copy()
+    keras.random.normal((1,))
+    assert not np.array_equal(
+        before, names["keras_global_seed_generator"].numpy())
+
+
+# ---------------------------------------------------------------------------
+# tf.distribute and the coordination service; TF's checkpoint format.
+# ---------------------------------------------------------------------------
+
+
+def test_coordination_service_key_value_store():
+    code = textwrap.dedent("""
+        import json, os, socket
+        s = socket.socket(); s.bind(("localhost", 0))
+        port = s.getsockname()[1]; s.close()
+        os.environ["TF_CONFIG"] = json.dumps({
+            "cluster": {"worker": [f"localhost:{port}"]},
+            "task": {"type": "worker", "index": 0}})
+        import tensorflow as tf
+        from keras_ckpt import _keras_compat as compat
+        print("before", compat.coordination_service_enabled())
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        print("after", compat.coordination_service_enabled(),
+              compat.in_multi_worker_mode(strategy),
+              callable(strategy.extended._in_multi_worker_mode))
+        print("set", compat.coordination_set("k/a", "1"),
+              compat.coordination_set("k/a", "2"))
+        print("get", compat.coordination_get("k/a", 1000),
+              compat.coordination_get("k/missing", 1))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                            text=True, timeout=180)
+    lines = [line for line in result.stdout.splitlines()
+             if line.split(" ")[0] in ("before", "after", "set", "get")]
+    assert lines == ["before False", "after True False True",
+                     "set True False", "get 1 None"], (
+        "TF's coordination service key-value store (context.context()."
+        "set_config_key_value/get_config_key_value) changed:\n"
+        + result.stdout[-1000:] + result.stderr[-2000:])
+
+
+def test_local_value_of_a_plain_variable_is_itself():
+    variable = tf.Variable(1.0)
+    assert compat.local_value(variable) is variable
+    assert not compat.in_multi_worker_mode(tf.distribute.get_strategy())
+
+
+def test_tensor_list_is_written_by_tf_train_checkpoint(tmp_path):
+    tensors = [tf.constant([1.0, 2.0]), tf.constant(3, tf.int64)]
+    prefix = tf.train.Checkpoint(group=compat.tensor_list(tensors)).write(
+        str(tmp_path / "ckpt"))
+    reader = tf.train.load_checkpoint(prefix)
+    keys = {k for k in reader.get_variable_to_shape_map()
+            if k.startswith("group/")}
+    # manager.tensor_key("group", i), which restores read.
+    assert keys == {"group/.ATTRIBUTES/00000", "group/.ATTRIBUTES/00001"}, (
+        "tf.__internal__.tracking.Trackable._serialize_to_tensors no longer "
+        f"names the saved tensors as keras_ckpt reads them: {keys}")
+    np.testing.assert_array_equal(
+        reader.get_tensor("group/.ATTRIBUTES/00000"), [1.0, 2.0])
+
+
+def test_print_msg_and_safe_mode_scope(capsys):
+    compat.print_msg("hello from keras_ckpt")
+    assert "hello from keras_ckpt" in capsys.readouterr().out
+    from keras.src.saving import serialization_lib
+
+    with compat.safe_mode_scope():
+        assert serialization_lib.in_safe_mode(), (
+            "keras.src.saving.serialization_lib.SafeModeScope no longer "
+            "turns safe mode on")
+
+
+# ---------------------------------------------------------------------------
+# Every internal stays in _keras_compat.py.
+# ---------------------------------------------------------------------------
+
+_PRIVATE_KERAS_ATTRIBUTES = {
+    "_initial_epoch", "_training_state", "_symbolic_build",
+    "_flatten_layers", "_compile_metrics", "_global_train_batch", "_writers",
+    "_enumerate_iterator", "_get_iterator", "_current_iterator",
+    "_learning_rate", "_built", "_in_multi_worker_mode", "_dataset",
+    "_serialize_to_tensors", "_as_serialized_graph", "_save", "_restore",
+}
+
+
+def _internal_touches(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            if node.attr == "__internal__":
+                yield node.lineno, "tf.__internal__"
+            elif node.attr in _PRIVATE_KERAS_ATTRIBUTES and not (
+                isinstance(node.value, ast.Name) and node.value.id == "self"
+            ):
+                yield node.lineno, f"._{node.attr.lstrip('_')}"
+            elif node.attr == "context" and isinstance(
+                    node.value, ast.Name) and node.value.id == "context":
+                yield node.lineno, "context.context()"
+        elif isinstance(node, ast.Call) and isinstance(
+                node.func, ast.Name) and node.func.id in ("getattr", "hasattr"):
+            if len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) \
+                    and node.args[1].value in _PRIVATE_KERAS_ATTRIBUTES:
+                yield node.lineno, f"getattr(..., {node.args[1].value!r})"
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            module = getattr(node, "module", None) or ""
+            names = [module] + [a.name for a in node.names]
+            if any(n.startswith(("keras.src", "tensorflow.python", "tf_keras"))
+                   for n in names):
+                yield node.lineno, f"import of {names}"
+
+
+def test_internals_stay_here():
+    planted = ast.parse(textwrap.dedent("""
+        model._initial_epoch = 3
+        getattr(optimizer, "_built", False)
+        from tensorflow.python.eager import context
+        context.context().get_config_key_value("k", 1)
+        tf.__internal__.tracking.Trackable
+        self._save()
+    """))
+    assert sorted(line for line, _ in _internal_touches(planted)) == [
+        2, 3, 4, 5, 6]  # not self._save(): keras_ckpt's own attribute
+    root = os.path.join(os.path.dirname(compat.__file__))
+    found = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not name.endswith(".py") or path == compat.__file__:
+                continue
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            found += [f"{os.path.relpath(path, root)}:{line}: {what}"
+                      for line, what in _internal_touches(tree)]
+    assert not found, (
+        "Keras/TF internals touched outside keras_ckpt/_keras_compat.py; move "
+        "each behind a function there, with a test here:\n" + "\n".join(found))

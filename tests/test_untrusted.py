@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 import keras_ckpt
 from keras_ckpt import cli
 from keras_ckpt import manifest as manifest_lib
-from keras_ckpt import sources
+from keras_ckpt import resume as resume_lib
 from keras_ckpt.errors import KerasCkptError
 from keras_ckpt.manager import LocalCheckpoints
 from keras_ckpt.manager import RetentionPolicy
@@ -252,7 +252,7 @@ def test_crafted_local_directory_is_contained(tmp_path, capsys, tiny_model):
         run_cli(capsys, "push", store, "file://" + mirror, "--no-progress")
         run_cli(capsys, "pull", "file://" + mirror, pulled, "--no-progress")
         call(keras_ckpt.restore, tiny_model, store)
-        call(sources.find_resume_checkpoint, True, LocalCheckpoints(store),
+        call(resume_lib.find_checkpoint, True, LocalCheckpoints(store),
              None, RetentionPolicy())
         run_cli(capsys, "export", store, os.path.join(example, "export"),
                 codes=(1,))
@@ -320,7 +320,7 @@ def test_crafted_mirror_is_contained(mirror_url, tmp_path, capsys,
         call(uploader.pull, pulled)
         local = keras_ckpt.list_checkpoints(pulled)
         assert all(i.complete for i in local)
-        found = call(sources.find_resume_checkpoint, True,
+        found = call(resume_lib.find_checkpoint, True,
                      LocalCheckpoints(resumed), uploader, RetentionPolicy())
         assert found is None or found[0].name in ("ckpt-5", "ckpt-7")
         call(keras_ckpt.restore, tiny_model, url)
@@ -497,7 +497,7 @@ def test_case4_one_malformed_manifest_breaks_nothing(store, capsys, crafted,
     _, out, _ = run_cli(capsys, "ls", store, codes=(0,))
     assert "INVALID" in out
     assert keras_ckpt.restore(make_model(), store).name == "ckpt-8"
-    found = sources.find_resume_checkpoint(
+    found = resume_lib.find_checkpoint(
         True, LocalCheckpoints(store), None, RetentionPolicy())
     assert found[0].name == "ckpt-8"
     if export:
@@ -520,7 +520,7 @@ def test_case9_resume_falls_back_past_a_corrupt_latest(store, caplog,
     corrupt(store / "ckpt-8.data-00000-of-00001")
     expected = weights_of(store, "ckpt-6")
     with caplog.at_level(logging.WARNING, logger="keras_ckpt"):
-        found = sources.find_resume_checkpoint(
+        found = resume_lib.find_checkpoint(
             True, LocalCheckpoints(store), None, RetentionPolicy())
     assert found[0].name == "ckpt-6"
     warnings = [r.getMessage() for r in caplog.records
@@ -563,7 +563,7 @@ def test_case9_remote_resume_falls_back_past_a_corrupt_latest(
     uploader.upload_file(str(data), "ckpt-8.data-00000-of-00001")
     fresh = LocalCheckpoints(tmp_path / "fresh")
     with caplog.at_level(logging.WARNING, logger="keras_ckpt"):
-        found = sources.find_resume_checkpoint(
+        found = resume_lib.find_checkpoint(
             True, fresh, uploader, RetentionPolicy())
     assert found[0].name == "ckpt-6"
     warnings = [r.getMessage() for r in caplog.records

@@ -7,14 +7,164 @@ checks every one of them against the installed Keras/TensorFlow, so that an
 upgrade that renames one fails loudly in the test suite instead of silently
 breaking a resume.
 
-Verified on Keras 3.15 / TensorFlow 2.21 (TensorFlow backend).
+Verified on Keras 3.15 / TensorFlow 2.21 (TensorFlow backend), and on
+tf_keras 2.21 under `TF_USE_LEGACY_KERAS=1`.
+
+Sections: which Keras (tf_keras shims); where `fit` starts; the running fit;
+the input; model, metrics and variables; global RNGs; built-in callbacks;
+`tf.distribute` and the coordination service; TensorFlow's checkpoint format;
+Keras utilities. `tests/test_keras_compat.py::test_internals_stay_here`
+keeps them here.
 """
 
+import contextlib
+import functools
+import os
 import sys
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+# ---------------------------------------------------------------------------
+# Which Keras: Keras 3, or tf_keras (Keras 2) under TF_USE_LEGACY_KERAS=1.
+# ---------------------------------------------------------------------------
+
+LEGACY_KERAS_VALUES = ("true", "True", "1")  # as TensorFlow reads the switch
+
+
+def uses_legacy_keras(environ=None):
+    """Whether `tf.keras` is `tf_keras` (`TF_USE_LEGACY_KERAS=1`, read by
+    TensorFlow 2.16+ when `tf.keras` is first used)."""
+    env = os.environ if environ is None else environ
+    return env.get("TF_USE_LEGACY_KERAS") in LEGACY_KERAS_VALUES
+
+
+def _import_tf_keras():
+    try:
+        import tf_keras
+    except ImportError:
+        return None
+    return tf_keras
+
+
+tf_keras = _import_tf_keras() if uses_legacy_keras() else None
+
+# The base class of keras_ckpt's callbacks: tf_keras' CallbackList calls
+# tf_keras-only methods (`_implements_train_batch_hooks`, ...) on every
+# callback it is given, and Keras 3's calls Keras 3-only ones.
+Callback = tf_keras.callbacks.Callback if tf_keras else keras.callbacks.Callback
+
+# Everything `isinstance` should accept as a Keras callback in `state=`.
+CALLBACK_TYPES = (keras.callbacks.Callback,) + (
+    (tf_keras.callbacks.Callback,) if tf_keras else ()
+)
+
+
+def callback_state_fields():
+    """{callback class: attributes that hold its state}, Keras 3 and tf_keras.
+
+    Keras 3.15's `EarlyStopping`, `ReduceLROnPlateau` and `ModelCheckpoint`
+    have no `get_state()`; their progress lives in these attributes (two of
+    `ModelCheckpoint`'s are private). tf_keras' twins use the same names.
+    """
+    fields = {}
+    for module in (keras, tf_keras):
+        if module is None:
+            continue
+        callbacks = module.callbacks
+        fields.update({
+            callbacks.EarlyStopping: (
+                "wait", "stopped_epoch", "best", "best_epoch", "best_weights",
+            ),
+            callbacks.ReduceLROnPlateau: ("wait", "cooldown_counter", "best"),
+            callbacks.ModelCheckpoint: (
+                "best", "_batches_seen_since_last_saving", "_last_batch_seen",
+            ),
+        })
+    return fields
+
+
+def stateless_callbacks():
+    """Callbacks whose behaviour depends only on the epoch and the optimizer
+    state (both restored): accepted in `state=` with nothing to save."""
+    return tuple(
+        cls for module in (keras, tf_keras) if module is not None
+        for cls in (module.callbacks.LearningRateScheduler,
+                    module.callbacks.TerminateOnNaN))
+
+
+def is_legacy_model(model):
+    """Whether `model` is a tf_keras (Keras 2) model."""
+    module = sys.modules.get("tf_keras")
+    return module is not None and isinstance(model, module.Model)
+
+
+def optimizer_built(optimizer):
+    """Keras 3 optimizers say `built`; tf_keras' new ones keep `_built`."""
+    built = getattr(optimizer, "built", None)
+    if built is None:
+        built = getattr(optimizer, "_built", False)
+    return bool(built)
+
+
+def optimizer_learning_rate(optimizer):
+    """The optimizer's learning-rate variable (or schedule, or None).
+
+    Keras 3 lists the variable in `optimizer.variables`; tf_keras' optimizers
+    keep it in `_learning_rate` and do not list it.
+    """
+    return getattr(optimizer, "_learning_rate", None)
+
+
+def steps_per_execution(model):
+    """Batches per call of `train_function` (a variable in tf_keras)."""
+    value = getattr(model, "steps_per_execution", None)
+    if isinstance(value, (tf.Variable, tf.distribute.DistributedValues)):
+        value = local_value(value).numpy()
+    return max(1, int(value or 1))
+
+
+# ---------------------------------------------------------------------------
+# Where fit starts: the epoch of the checkpoint resumed from.
+# ---------------------------------------------------------------------------
+
+
+class _ResumePosition:
+    """tf_keras' hook for the epoch `fit` starts at.
+
+    tf_keras' `fit` asks `model._training_state` (the slot its own
+    `BackupAndRestore` fills) for the initial epoch and step right after the
+    callbacks' `on_train_begin`; Keras 3's `fit` reads `model._initial_epoch`
+    at the same moment. The step stays 0: the already-trained batches of the
+    interrupted epoch are pulled from the iterator by `Checkpoint`, as under
+    Keras 3, so that the data the next batch trains on is the right one.
+    """
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def maybe_load_initial_counters_from_ckpt(self, steps_per_epoch,
+                                              initial_epoch, mode=None):
+        del steps_per_epoch, initial_epoch, mode
+        return self.epoch, 0
+
+
+def set_initial_epoch(model, epoch):
+    """Makes the running `fit` start at `epoch` (Keras 3 and tf_keras).
+
+    Keras 3.15's `fit` reads `model._initial_epoch` right after
+    `on_train_begin` (what `BackupAndRestore` sets).
+    """
+    model._initial_epoch = epoch
+    if is_legacy_model(model):
+        model._training_state = _ResumePosition(epoch)
+
+
+def clear_initial_epoch(model):
+    model._initial_epoch = None
+    if isinstance(getattr(model, "_training_state", None), _ResumePosition):
+        model._training_state = None
 
 # How far up the stack the running `fit` (or its `CallbackList`) may be from
 # a callback hook: hook <- CallbackList method <- fit (+ tracebacks filter).
@@ -251,6 +401,67 @@ def build_compiled_metrics(model, data_batch):
     return compile_metrics.built
 
 
+def model_unbuilt(model):
+    """Whether some layer of `model` has not created its variables yet."""
+    return not all(layer.built for layer in model._flatten_layers())
+
+
+def build_from_input(model, epoch_iterator):
+    """Builds an unbuilt model (and its optimizer, metrics and loss) from the
+    shapes of the input `fit` trains on, as `fit`'s first trace would.
+
+    Without a distribution strategy Keras 3 creates the variables of a model
+    never called only when `train_function` is first traced, after
+    `on_train_begin`; a restore needs them before. The batch is built from
+    the dataset's `element_spec` (no batch is drawn from the input).
+    """
+    with _name_scopes_kept():
+        model._symbolic_build(
+            data_batch=zeros_like_spec(_input_spec(epoch_iterator)))
+
+
+def trace_train_step(model, epoch_iterator):
+    """Traces `model.train_step` once on the input's spec, without running
+    it: what `fit`'s first trace creates lazily (layers built in `call`,
+    optimizer slots created by the first `apply_gradients`) then exists,
+    and nothing was updated.
+
+    Keras 3 creates variables met while tracing in an `init_scope`, so they
+    outlive this throwaway trace; `fit` traces its own function afterwards
+    and finds them built.
+    """
+    with _name_scopes_kept(), model.distribute_strategy.scope():
+        tf.function(model.train_step).get_concrete_function(
+            _input_spec(epoch_iterator))
+
+
+@contextlib.contextmanager
+def _name_scopes_kept():
+    """Puts Keras' name-scope stack back if what runs inside fails.
+
+    Keras 3.15 pushes a model's name scope (global attribute
+    `"name_scope_stack"`) before checking the name: a model whose class
+    name starts with "_" fails with its scope left pushed, and every layer
+    created afterwards in the process would get that prefix.
+    """
+    from keras.src.backend.common import global_state
+
+    stack = global_state.get_global_attribute("name_scope_stack")
+    kept = list(stack) if stack is not None else None
+    try:
+        yield
+    except Exception:
+        global_state.set_global_attribute("name_scope_stack", kept)
+        raise
+
+
+def _input_spec(epoch_iterator):
+    """The `element_spec` of the input `fit` trains on (Keras 3's
+    `TFEpochIterator` keeps the dataset it iterates in `_get_iterator()`;
+    the class's method, not a wrapper installed on the instance)."""
+    return type(epoch_iterator)._get_iterator(epoch_iterator).element_spec
+
+
 def zeros_like_spec(element_spec):
     """A batch of zeros matching a dataset's `element_spec` (for building)."""
     return tf.nest.map_structure(
@@ -327,6 +538,28 @@ def global_rng_states():
     }
 
 
+def global_generators():
+    """[(name, state variable)] of the RNGs created outside the model.
+
+    Keras 3.15 keeps its global `SeedGenerator` (drawn from by unseeded
+    initializers and random ops) under the global attribute
+    `"global_seed_generator"`; TensorFlow 2.21 keeps `tf.random`'s global
+    `Generator` in `stateful_random_ops.global_generator`. Each is created
+    on first use.
+    """
+    from keras.src.backend.common import global_state
+    from tensorflow.python.ops import stateful_random_ops
+
+    variables = []
+    keras_gen = global_state.get_global_attribute("global_seed_generator")
+    if keras_gen is not None:
+        variables.append(("keras_global_seed_generator", keras_gen.state))
+    tf_gen = getattr(stateful_random_ops, "global_generator", None)
+    if tf_gen is not None:
+        variables.append(("tf_global_generator", tf_gen.state))
+    return variables
+
+
 def set_global_rng_states(states):
     import random
 
@@ -340,3 +573,114 @@ def set_global_rng_states(states):
         int(states["numpy_pos"]), int(states["numpy_has_gauss"]),
         float(states["numpy_cached"]),
     ))
+
+
+# ---------------------------------------------------------------------------
+# tf.distribute, and the key-value store of TF's coordination service.
+# ---------------------------------------------------------------------------
+
+
+def in_multi_worker_mode(strategy):
+    """Whether `strategy` trains across workers (TF 2.21's
+    `strategy.extended._in_multi_worker_mode()`)."""
+    extended = getattr(strategy, "extended", None)
+    in_mode = getattr(extended, "_in_multi_worker_mode", None)
+    return bool(in_mode and in_mode())
+
+
+def local_value(variable):
+    """The copy of `variable` this process holds, read without collectives.
+
+    Reading a distributed variable in cross-replica context can aggregate it
+    across replicas: for an `ON_READ` variable under
+    `MultiWorkerMirroredStrategy` (batch-norm moving statistics in tf_keras)
+    that is an all-reduce every worker must join, so a chief-only save would
+    hang. In a multi-worker job the first local replica's copy is saved
+    instead (a mirrored variable's copies are all equal anyway); on one host
+    the variable is read as before.
+    """
+    if isinstance(variable, tf.distribute.DistributedValues) and (
+        in_multi_worker_mode(getattr(variable, "distribute_strategy", None))
+    ):
+        return variable.values[0]
+    return variable
+
+
+def coordination_service_enabled():
+    """Whether TF's coordination service runs (MultiWorkerMirroredStrategy
+    starts it on the chief): TF 2.21's eager `context.coordination_service`."""
+    from tensorflow.python.eager import context
+
+    return context.context().coordination_service is not None
+
+
+def coordination_set(key, value):
+    """Sets `key` once in the coordination service's key-value store; False
+    if it is already set (TF raises `AlreadyExistsError`)."""
+    from tensorflow.python.eager import context
+
+    try:
+        context.context().set_config_key_value(key, value)
+    except tf.errors.AlreadyExistsError:
+        return False
+    return True
+
+
+def coordination_get(key, timeout_ms):
+    """The value of `key`, waiting up to `timeout_ms` (0: no limit); None on
+    timeout. Other `tf.errors.OpError`s (the cluster going down) propagate."""
+    from tensorflow.python.eager import context
+
+    try:
+        return context.context().get_config_key_value(key, timeout_ms)
+    except tf.errors.DeadlineExceededError:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# TensorFlow's checkpoint format.
+# ---------------------------------------------------------------------------
+
+
+def tensor_list(tensors):
+    """A trackable that `tf.train.Checkpoint` saves as a list of tensors
+    under keys `00000`, `00001`, ... (TF 2.21's
+    `tf.__internal__.tracking.Trackable._serialize_to_tensors` protocol)."""
+    return _tensor_list_class()(tensors)
+
+
+@functools.cache
+def _tensor_list_class():
+    class _TensorList(tf.__internal__.tracking.Trackable):
+        def __init__(self, tensors):
+            self._tensors = tensors
+
+        def _serialize_to_tensors(self):
+            return {f"{i:05d}": t for i, t in enumerate(self._tensors)}
+
+        def _restore_from_tensors(self, restored_tensors):
+            raise NotImplementedError(
+                "keras_ckpt reads checkpoints with a reader.")
+
+    return _TensorList
+
+
+# ---------------------------------------------------------------------------
+# Keras utilities without a public name.
+# ---------------------------------------------------------------------------
+
+
+def print_msg(message):
+    """Prints as Keras' progress bar does (`keras.src.utils.io_utils`:
+    stdout, or absl logging when `keras.config.disable_interactive_logging`)."""
+    from keras.src.utils import io_utils
+
+    io_utils.print_msg(message)
+
+
+def safe_mode_scope():
+    """Keras' `SafeModeScope(True)`: unlike the `safe_mode=True` argument,
+    not overridden by `keras.config.enable_unsafe_deserialization()`."""
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    return SafeModeScope(True)

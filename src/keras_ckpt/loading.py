@@ -76,7 +76,7 @@ def load_model(source, checkpoint="latest", monitor=None, mode="auto",
     retention = manager_lib.RetentionPolicy(
         monitor=monitor, mode=manager_lib.resolve_mode(monitor, mode))
     with contextlib.ExitStack() as stack:
-        if sources._is_url(source) and not str(source).startswith("file://"):
+        if sources.is_remote(source):
             from keras_ckpt.uploaders import get_uploader
 
             base, name = sources.split_checkpoint_url(str(source))
@@ -116,10 +116,10 @@ def rebuild_model(manifest, location, custom_objects=None, compile=True):
     # layers, arbitrary functions). `safe_mode=True` alone is overridden by
     # a process-wide `keras.config.enable_unsafe_deserialization()`; the
     # scope is not. Keras >= 3.14 has no known safe_mode bypass.
-    from keras.src.saving.serialization_lib import SafeModeScope
+    from keras_ckpt import _keras_compat as compat
 
     try:
-        with SafeModeScope(True):
+        with compat.safe_mode_scope():
             model = keras.saving.deserialize_keras_object(
                 config, custom_objects=custom_objects, safe_mode=True)
     except Exception as e:

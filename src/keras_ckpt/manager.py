@@ -11,7 +11,6 @@ order here is data -> index -> manifest -> pointer, each fsync'ed.
 
 import concurrent.futures
 import dataclasses
-import functools
 import logging
 import os
 import shutil
@@ -99,28 +98,6 @@ class RetentionPolicy:
         rolling = dataclasses.replace(self, keep_every_n_hours=None)
         keep, others = self.select(manifests), rolling.select(manifests)
         return [m.name for m in manifests if m.name in keep - others]
-
-
-@functools.cache
-def _tensor_list_class():
-    # Defined on first use: listing checkpoints (the CLI's ls, verify, pull,
-    # push, prune) must not import TensorFlow.
-    import tensorflow as tf
-
-    class _TensorList(tf.__internal__.tracking.Trackable):
-        """Serializes a fixed list of tensors under keys `00000`, `00001`..."""
-
-        def __init__(self, tensors):
-            self._tensors = tensors
-
-        def _serialize_to_tensors(self):
-            return {f"{i:05d}": t for i, t in enumerate(self._tensors)}
-
-        def _restore_from_tensors(self, restored_tensors):
-            raise NotImplementedError(
-                "keras_ckpt reads checkpoints with a reader.")
-
-    return _TensorList
 
 
 def _attr(group):
@@ -269,9 +246,11 @@ class LocalCheckpoints:
         self.delete(name)
         import tensorflow as tf
 
+        from keras_ckpt import _keras_compat
+
         try:
             trackables = {
-                _attr(group): _tensor_list_class()(tensors)
+                _attr(group): _keras_compat.tensor_list(tensors)
                 for group, tensors in snapshot.tensors.items()
             }
             tf.train.Checkpoint(**trackables).write(self.prefix(name))

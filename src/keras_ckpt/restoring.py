@@ -3,7 +3,7 @@
 import os
 import tempfile
 
-from keras_ckpt import distribute
+from keras_ckpt import _keras_compat as compat
 from keras_ckpt import manager as manager_lib
 from keras_ckpt import sources
 from keras_ckpt import state as state_lib
@@ -32,7 +32,7 @@ def list_checkpoints(source):
     >>> for info in keras_ckpt.list_checkpoints("checkpoints"):
     ...     print(info.step, info.epoch, info.batch, info.metrics)
     """
-    if sources._is_url(source) and not str(source).startswith("file://"):
+    if sources.is_remote(source):
         from keras_ckpt.uploaders import get_uploader
 
         return get_uploader(str(source)).list_checkpoints()
@@ -89,7 +89,7 @@ def restore(model, source, checkpoint="latest", optimizer=True, monitor=None,
     retention = manager_lib.RetentionPolicy(
         monitor=monitor, mode=manager_lib.resolve_mode(monitor, mode)
     )
-    if sources._is_url(source) and not str(source).startswith("file://"):
+    if sources.is_remote(source):
         from keras_ckpt.uploaders import get_uploader
 
         base, name = sources.split_checkpoint_url(str(source))
@@ -131,7 +131,7 @@ def _assign(model, manifest, store, optimizer):
     restore_optimizer = bool(optimizer) and opt is not None and bool(
         manifest.variables.get("optimizer")
     )
-    if restore_optimizer and not distribute.optimizer_built(opt):
+    if restore_optimizer and not compat.optimizer_built(opt):
         opt.build(model.trainable_variables)
     training_state = state_lib.TrainingState(model)
     training_state.check_compatible(

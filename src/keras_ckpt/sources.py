@@ -1,8 +1,9 @@
 """Where checkpoints live: the local directory, a mirror URL, a branch path.
 
-Resolves `Checkpoint(directory=..., mirror=...)` against the platform presets
-and picks the checkpoint a run resumes from: the newest complete one, local
-or mirrored, or the best one, or one named by path/URL.
+Resolves `Checkpoint(directory=..., mirror=...)` against the platform presets,
+and picks and fetches checkpoints by name, step, "latest" or "best", verified,
+for `restore()`, `load_model()`, the CLI and `resume.py` (which chooses the
+checkpoint a `fit` resumes from).
 """
 
 import dataclasses
@@ -99,9 +100,10 @@ def metadata(model):
         json.dumps(config)
     except Exception:  # subclassed models without get_config()
         config = None
-    from keras_ckpt import distribute
+    from keras_ckpt import _keras_compat as compat
 
-    if distribute.is_legacy_model(model):
+    legacy = compat.is_legacy_model(model)
+    if legacy:
         # A tf_keras config, which Keras 3 (`keras-ckpt export`) cannot rebuild.
         config = None
     return {
@@ -109,8 +111,7 @@ def metadata(model):
             "keras_ckpt": __version__,
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
-            **({"tf_keras": distribute.tf_keras.__version__}
-               if distribute.is_legacy_model(model) else {}),
+            **({"tf_keras": compat.tf_keras.__version__} if legacy else {}),
             "python": python_platform.python_version(),
         },
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -127,6 +128,11 @@ def info(manifest, store, origin=None):
 
 def _is_url(value):
     return isinstance(value, str) and "://" in value
+
+
+def is_remote(source):
+    """Whether `source` is a URL other than `file://` (a local path)."""
+    return _is_url(source) and not source.startswith("file://")
 
 
 def split_checkpoint_url(url):
@@ -281,103 +287,3 @@ def pick_verified(store, manifests, which, retention=None, source="",
         if damaged is not None:
             damaged[chosen.name] = reason
     return None
-
-
-def find_resume_checkpoint(resume, store, uploader, retention,
-                           download_dir=None):
-    """Returns (manifest, store, origin) of the checkpoint to resume, or None.
-
-    Downloads go to `store` unless `download_dir` is given (a worker that is
-    not the chief must not write to the checkpoint directory). What is
-    resumed is verified (sizes and checksums): a damaged newest (or best)
-    checkpoint is skipped with one warning naming it, in favour of the
-    previous valid one.
-    """
-    if resume is False:
-        existing = store.manifests()
-        if existing:
-            raise ValueError(
-                f"Invalid value for argument `resume`: resume=False, but "
-                f"{store.directory} already holds checkpoints (latest "
-                f"{existing[-1].name}); a fresh run would mix with them. "
-                "Delete them, choose another `directory`, or resume."
-            )
-        return None
-    if resume in (True, "latest", "best"):
-        which = "best" if resume == "best" else "latest"
-        local = store.manifests()
-        candidates = []
-        damaged = {}
-        chosen = pick_verified(store, local, which, retention,
-                               store.directory, damaged) if local else None
-        if chosen is not None:
-            candidates.append((chosen, store, store.directory))
-        if uploader is not None:
-            remote = [listed.manifest for listed in uploader.listing()
-                      if listed.complete]
-            intact = {m.name for m in local} - set(damaged)
-            while remote:
-                best_remote = pick(remote, which, retention, uploader.url)
-                if best_remote.name in intact or (
-                    chosen is not None
-                    and not _better(best_remote, chosen, which, retention)
-                ):
-                    break
-                try:
-                    manifest, fetched = fetch_remote(
-                        uploader, best_remote.name,
-                        download_dir or store.directory
-                    )
-                except CorruptCheckpointError as e:
-                    warn_corrupt(f"{uploader.url}/{best_remote.name}", e)
-                    remote.remove(best_remote)
-                    continue
-                candidates = [
-                    (manifest, fetched, f"{uploader.url}/{manifest.name}")]
-                break
-        if not candidates and damaged:
-            # Starting over would mix a new run with the damaged one.
-            raise CorruptCheckpointError(
-                f"Every checkpoint in {store.directory} is damaged, nothing "
-                "to resume from: "
-                + "; ".join(f"{n}: {r}" for n, r in damaged.items())
-                + ". Delete them (`keras-ckpt verify` lists them) or choose "
-                "another `directory`."
-            )
-        if not candidates:
-            return None
-        return candidates[0]
-    # A path or URL to branch from.
-    if _is_url(resume) and not resume.startswith("file://"):
-        from keras_ckpt.uploaders import get_uploader
-
-        base, name = split_checkpoint_url(resume)
-        remote = get_uploader(base)
-        cache = download_dir or os.path.join(store.directory, ".branch-cache")
-        manifest, branch_store = fetch_remote(
-            remote, name or "latest", cache
-        )
-        return manifest, branch_store, f"{base}/{manifest.name}"
-    path = resume.removeprefix("file://") if isinstance(resume, str) else resume
-    branch_store, name = local_source(path)
-    damaged = {}
-    manifest = pick_verified(branch_store, branch_store.manifests(),
-                             name or "latest", retention,
-                             branch_store.directory, damaged)
-    if manifest is None:
-        raise CorruptCheckpointError(
-            f"Every checkpoint in {branch_store.directory} is damaged, "
-            "nothing to branch from: "
-            + "; ".join(f"{n}: {r}" for n, r in damaged.items())
-        )
-    return manifest, branch_store, branch_store.prefix(manifest.name)
-
-
-def _better(candidate, current, which, retention):
-    if which == "latest":
-        # Checkpoint numbers follow commit order, also across a branch
-        # (whose checkpoints are numbered after those it left behind).
-        return (manifest_lib.step_of(candidate.name)
-                > manifest_lib.step_of(current.name))
-    ranked = retention.best([candidate, current])
-    return bool(ranked) and ranked[0] is candidate

@@ -30,30 +30,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ckpt import distribute
+from keras_ckpt import _keras_compat as compat
 from keras_ckpt.errors import IncompatibleCheckpointError
 
 # ---------------------------------------------------------------------------
 # Adapters for objects passed in `state=`.
 # ---------------------------------------------------------------------------
 
-_MONITOR_FIELDS = {
-    keras.callbacks.EarlyStopping: (
-        "wait", "stopped_epoch", "best", "best_epoch", "best_weights",
-    ),
-    keras.callbacks.ReduceLROnPlateau: ("wait", "cooldown_counter", "best"),
-    keras.callbacks.ModelCheckpoint: (
-        "best", "_batches_seen_since_last_saving", "_last_batch_seen",
-    ),
-}
+_MONITOR_FIELDS = compat.callback_state_fields()
 # Callbacks whose behaviour depends only on the epoch and the optimizer state,
 # both of which are restored: accepted in `state=` with nothing to save.
-_STATELESS = (
-    keras.callbacks.LearningRateScheduler,
-    keras.callbacks.TerminateOnNaN,
-) + distribute.legacy_stateless_callbacks()
-# The same callbacks of tf_keras, under TF_USE_LEGACY_KERAS=1.
-_MONITOR_FIELDS.update(distribute.legacy_monitor_fields())
+_STATELESS = compat.stateless_callbacks()
 
 
 class _AttributeAdapter:
@@ -144,7 +131,7 @@ class StateEntry:
 
     @property
     def is_callback(self):
-        return isinstance(self.obj, distribute.CALLBACK_TYPES)
+        return isinstance(self.obj, compat.CALLBACK_TYPES)
 
 
 def parse_state_argument(state):
@@ -219,7 +206,7 @@ def _dtype_name(variable):
 def _read(variable):
     # The variable's current buffer; see the module docstring for why holding
     # it is a consistent snapshot.
-    return tf.convert_to_tensor(distribute.local_value(variable))
+    return tf.convert_to_tensor(compat.local_value(variable))
 
 
 def _encode_value(name, key, value, arrays):
@@ -289,12 +276,12 @@ class TrainingState:
         add("model", self.model.variables)
         optimizer = getattr(self.model, "optimizer", None)
         if include_optimizer and optimizer is not None and (
-            distribute.optimizer_built(optimizer)
+            compat.optimizer_built(optimizer)
         ):
             add("optimizer", _optimizer_variables(optimizer))
         if include_optimizer:
             for attr, other in attribute_optimizers(self.model):
-                if distribute.optimizer_built(other):
+                if compat.optimizer_built(other):
                     add(f"optimizer/{attr}", _optimizer_variables(other))
         if include_metrics:
             metrics = getattr(self.model, "metrics_variables", [])
@@ -302,7 +289,7 @@ class TrainingState:
             replicas = _replica_copies(metrics)
             if replicas:
                 groups["metrics/replicas"] = replicas
-        add("rng", _global_rng_variables())
+        add("rng", compat.global_generators())
         for entry in self.entries:
             if entry.variables is not None:
                 add(f"state/{entry.name}", entry.variables)
@@ -467,7 +454,7 @@ def _optimizer_variables(optimizer):
     so a LR changed by ReduceLROnPlateau would not be saved.
     """
     variables = list(optimizer.variables)
-    learning_rate = getattr(optimizer, "_learning_rate", None)
+    learning_rate = compat.optimizer_learning_rate(optimizer)
     if isinstance(learning_rate, (tf.Variable, keras.Variable)) and all(
         learning_rate is not v for v in variables
     ):
@@ -485,22 +472,6 @@ def _first_mismatch(live, saved):
                 f"{spath} is {tuple(sshape)} {sdtype} in the checkpoint"
             )
     return None
-
-
-def _global_rng_variables():
-    """RNG state created outside the model: Keras' and TF's global generators."""
-    from keras.src.backend.common import global_state
-
-    variables = []
-    keras_gen = global_state.get_global_attribute("global_seed_generator")
-    if keras_gen is not None:
-        variables.append(("keras_global_seed_generator", keras_gen.state))
-    from tensorflow.python.ops import stateful_random_ops
-
-    tf_gen = getattr(stateful_random_ops, "global_generator", None)
-    if tf_gen is not None:
-        variables.append(("tf_global_generator", tf_gen.state))
-    return variables
 
 
 # ---------------------------------------------------------------------------

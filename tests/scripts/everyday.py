@@ -32,7 +32,8 @@ import keras  # noqa: E402
 import keras_ckpt  # noqa: E402
 
 JOBS = ("numpy", "augment", "mixed", "adamw", "loggers", "pydataset",
-        "reshuffle", "repeat", "gan", "generator")
+        "reshuffle", "repeat", "gan", "generator", "subclassed", "no_input",
+        "gan_lazy")
 BATCH = 8
 BATCHES = 6  # per epoch
 EPOCHS = 3
@@ -169,6 +170,20 @@ class GAN(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
 
+class Subclassed(keras.Model):
+    """A subclassed model never built before `fit`: its variables are
+    created when `fit` first traces its train step."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(16, activation="relu")
+        self.dropout = keras.layers.Dropout(0.3)
+        self.head = keras.layers.Dense(1, activation="sigmoid")
+
+    def call(self, x, training=False):
+        return self.head(self.dropout(self.hidden(x), training=training))
+
+
 def build_job(job, workdir):
     """(model, fit kwargs, extra callbacks, state, records()) for `job`."""
     x, y = data()
@@ -230,11 +245,12 @@ def build_job(job, workdir):
         ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
             len(x), seed=7).repeat().batch(BATCH)
         fit.update(x=ds, steps_per_epoch=BATCHES - 2)  # not whole passes
-    elif job == "gan":
+    elif job in ("gan", "gan_lazy"):
         model = GAN()
         d_opt, g_opt = keras.optimizers.Adam(1e-3), keras.optimizers.Adam(2e-3)
-        d_opt.build(model.discriminator.trainable_variables)
-        g_opt.build(model.generator.trainable_variables)
+        if job == "gan":  # "gan_lazy": built by their first apply_gradients
+            d_opt.build(model.discriminator.trainable_variables)
+            g_opt.build(model.generator.trainable_variables)
         model.compile(d_opt, g_opt)
         ds = tf.data.Dataset.from_tensor_slices(x).shuffle(
             len(x), seed=3).batch(BATCH)
@@ -249,6 +265,18 @@ def build_job(job, workdir):
                 yield x[i:i + BATCH], y[i:i + BATCH]
 
         fit.update(x=batches(), steps_per_epoch=BATCHES)
+    elif job in ("subclassed", "no_input"):
+        # Unbuilt at fit(): no Input, no build(), no call on data.
+        model = Subclassed() if job == "subclassed" else keras.Sequential([
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(1, activation="sigmoid")])
+        model.compile(optimizer=keras.optimizers.Adam(0.01),
+                      loss="binary_crossentropy", metrics=["accuracy"])
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
+            len(x), seed=7).batch(BATCH)
+        fit.update(x=ds) if job == "subclassed" else fit.update(
+            x=x, y=y, batch_size=BATCH, shuffle=True)
     return model, fit, callbacks, state, records
 
 

@@ -10,14 +10,13 @@ import time
 import warnings
 
 import keras
-from keras.src.utils import io_utils
 
 from keras_ckpt import _args
 from keras_ckpt import _keras_compat as compat
 from keras_ckpt import commit as commit_lib
 from keras_ckpt import distribute
 from keras_ckpt import manager as manager_lib
-from keras_ckpt import manifest as manifest_lib
+from keras_ckpt import resume as resume_lib
 from keras_ckpt import sources
 from keras_ckpt import state as state_lib
 from keras_ckpt import writer as writer_lib
@@ -36,7 +35,7 @@ _STATEFUL_CALLBACKS = ("EarlyStopping", "ReduceLROnPlateau",
 PREEMPTED_EXIT_CODE = 143
 
 
-class Checkpoint(distribute.Callback):
+class Checkpoint(compat.Callback):
     """Saves the complete training state and resumes it exactly.
 
     Each checkpoint holds the model's variables (including non-trainable ones
@@ -292,11 +291,6 @@ class Checkpoint(distribute.Callback):
         self._saved_step = None
         self._history = {}
         self._history_epochs = []
-        self._skip_until = None
-        self._pending_metrics = None
-        self._pending_values = None
-        self._pending_history = None
-        self._began = set()
         self._preemption = None
         self._ended_epoch = None
         self._finalized = False
@@ -305,8 +299,9 @@ class Checkpoint(distribute.Callback):
         self._interrupted = False
         self._reports = collections.deque()  # finished saves, to log
         self._data = state_lib.DataPosition()
-        self._resumed = None  # Manifest resumed from in this fit
-        self._skip_batches = 0  # steps of the resumed epoch trained before
+        # What this fit resumed (empty for a fresh start) and what of it is
+        # still to apply: see resume.py.
+        self._resume = resume_lib.Resume(log=self._print)
 
     @property
     def _training_state(self):
@@ -355,7 +350,7 @@ class Checkpoint(distribute.Callback):
             (TensorBoardScalars(c) for c in siblings
              if _is_a(c, ("TensorBoard",)) and hasattr(c, "log_dir")), None)
         self._cluster.begin(
-            self.model, log=io_utils.print_msg if self.verbose else None)
+            self.model, log=compat.print_msg if self.verbose else None)
         self._writer.check_for_errors()
         if self.uploader is not None:
             self.uploader.check()
@@ -364,7 +359,7 @@ class Checkpoint(distribute.Callback):
             self._committer.begin()
         self._log_platform()
         if epoch_iterator is not None:
-            self._check_input(self._data.attach(epoch_iterator))
+            resume_lib.check_input(self._data.attach(epoch_iterator))
         self._restore_at_start()
         if epoch_iterator is not None:
             compat.wrap_epoch_batches(epoch_iterator, self._epoch_batches)
@@ -376,19 +371,16 @@ class Checkpoint(distribute.Callback):
         # not started: the one place a line does not break it.
         self._report_saves()
         self._epoch = epoch
-        self._batch = 0 if self._skip_until is None else self._batch
+        self._batch = 0 if self._resume.skip_until is None else self._batch
         self._data.on_epoch_begin()
-        if self._pending_values is not None:
-            # Callbacks that are not in fit's list never ran on_train_begin.
-            self._apply_callback_values(None)
-        if self._pending_history is not None:
-            self._prefill_history()
-        if self._pending_metrics is not None and self._skip_until is None:
-            self._pending_metrics = None
+        # Callbacks that are not in fit's list never ran on_train_begin.
+        self._resume.finish_pending(self.model, self._training_state,
+                                    self._history_epochs, self._history)
+        self._resume.on_epoch_begin()
         self._quiet_point()
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self._skip_until is not None and batch < self._skip_until:
+        if self._resume.hides(batch):
             return
         self._quiet_point()
 
@@ -399,8 +391,7 @@ class Checkpoint(distribute.Callback):
         self._step += done - self._batch
         self._since_save += done - self._batch
         self._batch = done
-        if self._skip_until is not None:
-            self._skip_until = None
+        self._resume.trained()
         if isinstance(self.save_freq, int) and self._since_save >= self.save_freq:
             self._pending = dict(logs or {})
         elif self._time_to_save():
@@ -412,7 +403,7 @@ class Checkpoint(distribute.Callback):
         # and a save are taken at the next quiet point, once every callback
         # has seen this epoch's end (and may have changed the LR).
         logs = logs if logs is not None else {}
-        self._skip_until = None
+        self._resume.trained()
         self._epoch = epoch + 1
         self._batch = 0
         if self.preempted:
@@ -452,8 +443,7 @@ class Checkpoint(distribute.Callback):
                 self._tensorboard.close()
             self._uninstall_preemption()
             self._unpatch_callbacks()
-            distribute.clear_initial_epoch(self.model)
-            self._restore_train_function()
+            self._resume.undo(self.model)
             if self._fit_iterator is not None:
                 compat.unwrap_epoch_batches(self._fit_iterator)
                 self._fit_iterator = None
@@ -470,10 +460,8 @@ class Checkpoint(distribute.Callback):
         if self._finalized:
             return
         self._finalized = True
-        if self._pending_history is not None:
-            self._prefill_history()
-        if self._pending_values is not None:
-            self._apply_callback_values(None)
+        self._resume.finish_pending(self.model, self._training_state,
+                                    self._history_epochs, self._history)
         self._record_epoch()
         if not self.preempted:
             final_logs = self._pending if self._pending is not None else (
@@ -614,7 +602,7 @@ class Checkpoint(distribute.Callback):
         progress bar line first, when there is one (fit(verbose=1))."""
         if self.verbose:
             bar = mid_epoch and (self.params or {}).get("verbose") == 1
-            io_utils.print_msg(("\n" if bar else "") + message)
+            compat.print_msg(("\n" if bar else "") + message)
 
     def _check_monitor_logged(self):
         """Keras' warning for a `monitor` missing from the first epoch's logs."""
@@ -698,222 +686,47 @@ class Checkpoint(distribute.Callback):
     # Resuming
     # ------------------------------------------------------------------
     def _restore_at_start(self):
-        found = self._cluster.find_resume_checkpoint(
-            self.resume, self._store, self.uploader, self.retention
-        )
+        """Resumes from the checkpoint `resume` names (see resume.py)."""
+        found = resume_lib.choose_checkpoint(
+            self._cluster, self.resume, self._store, self.uploader,
+            self.retention)
         if found is None:
-            if self.verbose and self.resume is not False:
-                io_utils.print_msg(
+            if self.resume is not False:
+                self._print(
                     f"keras_ckpt: no checkpoint to resume from in "
-                    f"{self.directory}; starting from scratch."
-                )
+                    f"{self.directory}; starting from scratch.")
             return
-        manifest, store, origin = found
-        self._check_no_newer(manifest)
-        self._build_for_restore(manifest, store.prefix(manifest.name))
-        training_state = self._training_state
-        training_state.check_compatible(
-            manifest.variables, store.prefix(manifest.name)
-        )
-        arrays = store.read_arrays(manifest)
-        groups = [g for g in manifest.variables if not g.startswith("metrics")]
-        training_state.assign(arrays, groups)
-
+        manifest = found.manifest
+        note = resume_lib.branch_note(self._store, manifest)
+        if note and self._cluster.writes:
+            self._print(note)
+        resume = resume_lib.Resume(found, log=self._print)
+        resume.began = self._resume.began
+        self._resume = resume
+        resume.restore(self.model, self._training_state, self._data,
+                       self._fit_iterator)
         self._epoch, self._batch, self._step = (
-            manifest.epoch, manifest.batch, manifest.step,
-        )
+            manifest.epoch, manifest.batch, manifest.step)
         self._saved_step = manifest.step
-        distribute.set_initial_epoch(self.model, manifest.epoch)
-        self._pending_values = (manifest.state, arrays)
-        # Plain objects now; callbacks once their own on_train_begin has run.
-        self._apply_callback_values(self._began | {
-            e.name for e in self._entries if not e.is_callback})
         history = manifest.history or {}
         self._history_epochs = list(history.get("epochs", []))
         self._history = {k: list(v) for k, v in history.get("logs", {}).items()}
-        self._pending_history = True
-        self._resumed = manifest
-        self._data.set_resume(
-            manifest.state.get(state_lib.DATA_POSITION),
-            arrays.get(f"adapter/{state_lib.DATA_POSITION}", []))
-        self._check_resumed_input(manifest)
-        if manifest.batch > 0:
-            self._pending_metrics = (manifest.variables, arrays)
-            self._skip_until = manifest.batch
-            if self._fit_iterator is not None:
-                self._skip_batches = manifest.batch
-            else:
-                self._install_skip(manifest.batch)
-        self.restored = sources.info(manifest, store, origin)
-        if self.verbose:
-            io_utils.print_msg(
-                f"keras_ckpt: resumed from {origin}: step {manifest.step}, "
-                + self._describe_position(manifest.epoch, manifest.batch)
-                + (f" (skipping the {manifest.batch} batches of epoch "
-                   f"{manifest.epoch + 1} already trained)"
-                   if manifest.batch else "")
-            )
-
-    def _check_no_newer(self, manifest):
-        """Says so when a branch leaves newer checkpoints behind.
-
-        They are kept (retention treats them as older commits) but are no
-        longer the latest: this run's checkpoints are numbered after them.
-        """
-        order = manifest_lib.step_of
-        newer = [m.name for m in self._store.manifests()
-                 if order(m.name) > order(manifest.name)]
-        if newer and self.verbose and self._cluster.writes:
-            io_utils.print_msg(
-                f"keras_ckpt: branching from {manifest.name} (step "
-                f"{manifest.step}); {self.directory} holds later checkpoints "
-                f"({', '.join(newer)}) of the run this one replaces: they "
-                "stay as retention allows but are no longer the latest, and "
-                f"this run's checkpoints are numbered after {newer[-1]}."
-            )
-
-    def _build_for_restore(self, manifest, source):
-        """Creates the variables a restore assigns, whatever `built` says."""
-        model = self.model
-        if not model.built and not model.variables:
-            raise ValueError(
-                "keras_ckpt.Checkpoint needs a model whose variables exist to "
-                f"resume from {source}. Build it before fit(), e.g. with "
-                "keras.Input(...) or by calling it on a batch of data."
-            )
-        optimizer = getattr(model, "optimizer", None)
-        if optimizer is not None and "optimizer" in manifest.variables and (
-            not distribute.optimizer_built(optimizer)
-        ):
-            # Otherwise the optimizer's slots would be created (and zeroed)
-            # after the restore.
-            optimizer.build(model.trainable_variables)
-        for attr, other in state_lib.attribute_optimizers(model):
-            if f"optimizer/{attr}" in manifest.variables and (
-                not distribute.optimizer_built(other)
-            ):
-                raise ValueError(
-                    f"keras_ckpt.Checkpoint cannot resume from {source}: "
-                    f"`model.{attr}` is not built, so its slots would be "
-                    "created (zeroed) after the restore. Build it before "
-                    f"fit(), e.g. `model.{attr}.build(<the sub-model it "
-                    "updates>.trainable_variables)`."
-                )
+        self.restored = sources.info(manifest, found.store, found.origin)
+        self._print(
+            f"keras_ckpt: resumed from {found.origin}: step {manifest.step}, "
+            + self._describe_position(manifest.epoch, manifest.batch)
+            + (f" (skipping the {manifest.batch} batches of epoch "
+               f"{manifest.epoch + 1} already trained)"
+               if manifest.batch else ""))
 
     def _epoch_batches(self, enumerate_epoch):
-        """The steps of each epoch that `fit` trains (see `DataPosition`)."""
-        skip, self._skip_batches = self._skip_batches, 0
-        return self._data.batches(enumerate_epoch, skip, self._on_seek)
+        return self._resume.epoch_batches(
+            self.model, self._training_state, self._data, self._fit_iterator,
+            enumerate_epoch)
 
-    def _on_seek(self, last_batch):
-        if self._pending_metrics is not None:
-            self._restore_metrics(last_batch)
-
-    def _install_skip(self, n_batches):
-        """Consumes the already-trained batches of the interrupted epoch.
-
-        For tf_keras' `fit`, which has no `EpochIterator` to seek: for the
-        first calls of the resumed epoch `train_function` is replaced by one
-        that only pulls the batches from the iterator, without training.
-        """
-        model = self.model
-        steps_per_execution = distribute.steps_per_execution(model)
-        remaining = [n_batches]
-
-        def skip_or_train(iterator):
-            if remaining[0] <= 0:
-                compat.replace_train_function(model, original)
-                return original(iterator)
-            count = min(steps_per_execution, remaining[0])
-            for _ in range(count):
-                batch = next(iterator)
-                if self._pending_metrics is not None:
-                    self._restore_metrics(batch)
-            remaining[0] -= count
-            return model.get_metrics_result()
-
-        original = compat.replace_train_function(model, skip_or_train)
-        self._original_train_function = original
-
-    def _restore_train_function(self):
-        original = getattr(self, "_original_train_function", None)
-        if original is not None:
-            compat.replace_train_function(self.model, original)
-            self._original_train_function = None
-
-    def _restore_metrics(self, data_batch):
-        specs, arrays = self._pending_metrics
-        self._pending_metrics = None
-        model = self.model
-        if data_batch is None and self._fit_iterator is not None:
-            dataset = compat.user_dataset(self._fit_iterator)
-            if dataset is not None:
-                data_batch = compat.zeros_like_spec(dataset.element_spec)
-        try:
-            if data_batch is not None:
-                compat.build_compiled_metrics(model, data_batch)
-        except Exception:  # metrics stay as they are; weights are exact
-            pass
-        if not self._training_state.assign_metrics(specs, arrays):
-            if self.verbose:
-                io_utils.print_msg(
-                    "keras_ckpt: this epoch's running metrics could not be "
-                    "restored (the compiled metrics changed); they restart "
-                    "from the resumed batch."
-                )
-
-    # ------------------------------------------------------------------
-    # Where exactness depends on the input or the hardware: say so once.
-    # ------------------------------------------------------------------
-    def _check_input(self, shuffles):
-        if any(not seeded for seeded, _ in shuffles):
-            _warn_inexact(
-                "the tf.data pipeline given to fit() has a `shuffle` without "
-                "a seed, so its order differs in every process and a resumed "
-                "run trains on other batches than an uninterrupted one. Fix: "
-                "pass `seed=` to `Dataset.shuffle` (or call "
-                "`keras.utils.set_random_seed(...)` before building the "
-                "dataset)."
-            )
-
-    def _check_resumed_input(self, manifest):
-        saved = manifest.state.get(state_lib.DATA_POSITION) or {}
-        if self._data.kind == "generator" and saved.get("total"):
-            _warn_inexact(
-                f"the input is a Python generator: to resume at step "
-                f"{manifest.step} its first {saved['total']} batches are "
-                "drawn again and dropped, which is exact only if it yields "
-                "the same batches in the same order in every run (and costs "
-                "reading them). Fix: use a `keras.utils.PyDataset` or a "
-                "tf.data pipeline with seeded randomness."
-            )
-        saved_copies = len(manifest.variables.get("metrics/replicas", []))
-        live_copies = len(
-            self._training_state.specs().get("metrics/replicas", []))
-        if manifest.batch > 0 and saved_copies != live_copies:
-            _warn_inexact(
-                "the checkpoint was written with another number of local "
-                "replicas than this run has: the interrupted epoch's running "
-                "metrics are restored as their total, so the epoch's logged "
-                "metrics may differ in the last digits (weights and optimizer "
-                "state are exact). Fix: resume on as many devices, or resume "
-                "from a checkpoint taken at an epoch boundary."
-            )
-
-    def _apply_callback_values(self, names):
-        values, arrays = self._pending_values
-        self._training_state.apply_values(values, arrays, names)
-        if names is None:
-            self._pending_values = None
-
-    def _prefill_history(self):
-        self._pending_history = None
-        history = getattr(self.model, "history", None)
-        if history is None or not hasattr(history, "history"):
-            return
-        if getattr(history, "epoch", None) == [] and self._history_epochs:
-            history.epoch = list(self._history_epochs)
-            history.history = {k: list(v) for k, v in self._history.items()}
+    def _print(self, message):
+        if self.verbose:
+            compat.print_msg(message)
 
     # ------------------------------------------------------------------
     # Patching of the callbacks passed in `state=`
@@ -931,16 +744,15 @@ class Checkpoint(distribute.Callback):
 
         def on_train_begin(logs=None):
             bound_begin(logs)
-            self._began.add(entry.name)
-            if self._pending_values is not None:
-                self._apply_callback_values({entry.name})
+            self._resume.began.add(entry.name)
+            self._resume.apply_values(self._training_state, {entry.name})
 
         def on_train_batch_begin(batch, logs=None):
-            if self._skip_until is None or batch >= self._skip_until:
+            if not self._resume.hides(batch):
                 bound_batch_begin(batch, logs)
 
         def on_train_batch_end(batch, logs=None):
-            if self._skip_until is None or batch >= self._skip_until:
+            if not self._resume.hides(batch):
                 bound_batch_end(batch, logs)
 
         obj.on_train_begin = on_train_begin
@@ -962,7 +774,7 @@ class Checkpoint(distribute.Callback):
 
         def on_train_begin(logs=None):
             self._begin_fit()
-            resumed = self._resumed
+            resumed = self._resume.manifest
             if resumed is None:
                 return bound(logs)
             if isinstance(callback, keras.callbacks.CSVLogger):
@@ -1046,7 +858,7 @@ class Checkpoint(distribute.Callback):
             self._cluster.preemption_saved(
                 handler, getattr(self.last_saved, "name", None))
         if self.verbose:
-            io_utils.print_msg(
+            compat.print_msg(
                 f"keras_ckpt: preemption checkpoint committed in "
                 f"{time.monotonic() - start:.2f} s."
             )
@@ -1072,7 +884,7 @@ class Checkpoint(distribute.Callback):
         if self.verbose and self.platform is not None and (
             self.platform.name != "local"
         ):
-            io_utils.print_msg(f"keras_ckpt: {self.platform.describe()}")
+            compat.print_msg(f"keras_ckpt: {self.platform.describe()}")
 
     # ------------------------------------------------------------------
     # Flushing
@@ -1134,13 +946,6 @@ def _is_tty(stream):
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-def _warn_inexact(cause):
-    warnings.warn(
-        f"keras_ckpt cannot guarantee an exact resume: {cause}",
-        UserWarning, stacklevel=3,
-    )
 
 
 def _drop_rows_from(filename, sep, epoch):

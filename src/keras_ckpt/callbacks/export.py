@@ -1,9 +1,7 @@
 """`keras_ckpt.ExportSavedModel`: a servable model at the end of a completed fit."""
 
-from keras.src.utils import io_utils
-
 from keras_ckpt import _args
-from keras_ckpt import distribute
+from keras_ckpt import _keras_compat as compat
 from keras_ckpt import export as export_lib
 from keras_ckpt import state as state_lib
 
@@ -11,7 +9,7 @@ SOURCES = ("latest", "best", "model")
 LAYOUTS = ("auto",) + export_lib.LAYOUTS
 
 
-class ExportSavedModel(distribute.Callback):
+class ExportSavedModel(compat.Callback):
     """Exports a SavedModel when `fit()` completes — never after preemption.
 
     The SavedModel has `serve` and `serving_default` signatures and is
@@ -91,7 +89,7 @@ class ExportSavedModel(distribute.Callback):
             checkpoint.finalize(logs)  # the final checkpoint, committed
         if checkpoint is not None and checkpoint.preempted:
             if self.verbose:
-                io_utils.print_msg(
+                compat.print_msg(
                     "keras_ckpt: fit was preempted; not exporting.")
             return
         if not self.platform.is_chief:
@@ -118,7 +116,7 @@ class ExportSavedModel(distribute.Callback):
             else:
                 what = "the in-memory model"
         if self.verbose:
-            io_utils.print_msg(
+            compat.print_msg(
                 f"keras_ckpt: exported {what} ({self.source}) as a "
                 f"SavedModel to {self.exported_to}")
 
