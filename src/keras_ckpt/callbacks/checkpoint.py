@@ -872,13 +872,12 @@ class Checkpoint(compat.Callback):
         # so the model in memory is exactly the checkpoint just committed.
         self.model.stop_training = True
         model = self.model
-        original = model.train_function
 
         def skip_once(iterator):
-            model.train_function = original
+            compat.replace_train_function(model, original)
             return model.get_metrics_result()
 
-        model.train_function = skip_once
+        original = compat.replace_train_function(model, skip_once)
 
     def _log_platform(self):
         if self.verbose and self.platform is not None and (
