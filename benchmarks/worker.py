@@ -39,9 +39,6 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("PYTHONWARNINGS", "ignore")
-
 CONFIGS = (
     "none", "kc_async", "kc_sync", "tf_manager", "keras_backup",
     "keras_mc_weights", "keras_mc_full",
@@ -453,4 +450,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Set here, not at import: a process that imports this module (the
+    # tests, preemption.py) must not pass them on to its own subprocesses.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
     main()

@@ -164,11 +164,15 @@ def test_reports_from_before_host_modes_render_as_cpu(tmp_path):
 
 
 def test_worker_skips_what_it_cannot_wrap():
+    environ = dict(os.environ)
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import worker
     finally:
         sys.path.pop(0)
+    # Importing it must not change what later tests' subprocesses inherit
+    # (it once set PYTHONWARNINGS=ignore, hiding keras_ckpt's warnings).
+    assert dict(os.environ) == environ
 
     class Store:
         def write(self, x):

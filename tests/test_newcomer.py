@@ -299,10 +299,13 @@ _INTERRUPTED_JOB = textwrap.dedent("""
 @pytest.mark.slow
 def test_ctrl_c_commits_the_current_batch(tmp_path, subprocess_env):
     directory = str(tmp_path / "ckpts")
+    # SIGINT as in a terminal: a suite started in the background (nohup,
+    # `make test &`) ignores it, and its children would inherit that.
     process = subprocess.Popen(
         [sys.executable, "-c", _INTERRUPTED_JOB, directory],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=subprocess_env())
+        env=subprocess_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stdout:
         if line.strip() == "batch 3":
             process.send_signal(signal.SIGINT)

@@ -670,12 +670,13 @@ def _tensor_list_class():
 # ---------------------------------------------------------------------------
 
 
-def print_msg(message):
+def print_msg(message, line_break=True):
     """Prints as Keras' progress bar does (`keras.src.utils.io_utils`:
-    stdout, or absl logging when `keras.config.disable_interactive_logging`)."""
+    stdout, or absl logging when `keras.config.disable_interactive_logging`);
+    `line_break=False` lets the next message rewrite the line."""
     from keras.src.utils import io_utils
 
-    io_utils.print_msg(message)
+    io_utils.print_msg(message, line_break=line_break)
 
 
 def safe_mode_scope():

@@ -920,13 +920,13 @@ class Checkpoint(compat.Callback):
             line = (f"keras_ckpt: waiting for pending saves: {activity} "
                     f"(waited {now - start:.0f} s)")
             if tty:
-                io_utils.print_msg("\r" + line.ljust(width), line_break=False)
+                compat.print_msg("\r" + line.ljust(width), line_break=False)
                 width = len(line)
             else:
-                io_utils.print_msg(line)
+                compat.print_msg(line)
             shown = now
         if tty and shown is not None:
-            io_utils.print_msg("")
+            compat.print_msg("")
         if self._writer.busy:
             raise writer_lib.still_writing(timeout)
         self._writer.check_for_errors()
