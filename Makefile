@@ -65,7 +65,7 @@ BENCH_ARGS ?=
 bench: $(VENV)/.installed-test $(VENV)/.installed-bench $(AZURITE)
 	$(BIN)/python benchmarks/run.py --host $(BENCH_HOST) $(BENCH_ARGS)
 	KERAS_CKPT_AZURITE=$(abspath $(AZURITE)) $(BIN)/python benchmarks/mirror.py
-	$(BIN)/python benchmarks/resume.py
+	$(BIN)/python benchmarks/resume.py --replay
 
 docs: $(VENV)/.installed-test
 	$(BIN)/mkdocs build --strict
