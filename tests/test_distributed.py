@@ -426,10 +426,18 @@ def test_multiworker_sigterm_saves_once_for_all(tmp_path, mw_reference, target):
                       dirs=dirs, expect=143, label="preempted")
     # SIGTERM after step 13; every worker stopped after step 14, where the
     # chief committed and mirrored one checkpoint.
-    assert "preemption notice (SIGTERM)" in outputs[1], _tail(outputs[1])
     if target == "worker1":
+        assert "preemption notice (SIGTERM)" in outputs[1], _tail(outputs[1])
         assert "preemption notice (preemption of worker:1)" in outputs[0], \
             _tail(outputs[0])
+    else:
+        # All signalled at once: a worker may learn of a peer's notice
+        # before its own SIGTERM is handled; either way one notice each,
+        # and at least one of them is a SIGTERM.
+        for output in outputs:
+            assert output.count("preemption notice (") == 1, _tail(output)
+        assert any("preemption notice (SIGTERM)" in o for o in outputs), \
+            [_tail(o) for o in outputs]
     for output in outputs:
         assert "saving at epoch 2/3, batch 4" in output, _tail(output)
     assert checkpoint_names(mirror)[-1] == "ckpt-14"
