@@ -5,7 +5,9 @@
 
 Times, for the same model as `run.py`:
   snapshot       TrainingState.snapshot() on the training thread
-  tf_write       tf.train.Checkpoint(...).write() of the snapshot tensors
+  bundle_write   keras_ckpt's one-pass writer (bundle.py) of the snapshot
+  tf_write       tf.train.Checkpoint(...).write() of the same tensors (the
+                 writer keras_ckpt used before bundle.py; the same files)
   fsync          fsync of the data and index files and of the directory
   checksums      manifest_lib.describe_files() (re-reads the files to checksum
                  them; keras_ckpt overlaps it with the fsyncs)
@@ -55,6 +57,7 @@ def main(argv=None):
     import numpy as np
     import tensorflow as tf
 
+    from keras_ckpt import _keras_compat
     from keras_ckpt import manager as manager_lib
     from keras_ckpt import manifest as manifest_lib
     from keras_ckpt import state as state_lib
@@ -82,13 +85,8 @@ def main(argv=None):
                                                  epoch=0, batch=0))
             t("retain", lambda: store.retain(manager_lib.RetentionPolicy(
                 max_to_keep=2)))
-            # The same phases, one at a time.
+            # The same phases, one at a time (store.write consumed `snap`).
             prefix = os.path.join(directory, f"manual-{i}")
-            trackables = {
-                manager_lib._attr(g): manager_lib._TensorList(ts_)
-                for g, ts_ in snap.tensors.items()}
-            t("tf_write", lambda: tf.train.Checkpoint(**trackables).write(
-                prefix))
             files = [os.path.basename(prefix) + s for s in
                      (manager_lib.DATA_SUFFIX, manager_lib.INDEX_SUFFIX)]
 
@@ -97,6 +95,19 @@ def main(argv=None):
                     manager_lib._fsync_file(os.path.join(directory, f))
                 manifest_lib.fsync_dir(directory)
 
+            snap = ts.snapshot()
+            t("bundle_write", lambda: store._write_files(
+                snap, os.path.basename(prefix), None, None))
+            t("fsync_after_bundle", fsync_all)
+            for f in files:
+                os.remove(os.path.join(directory, f))
+            snap = ts.snapshot()
+            trackables = {
+                manager_lib._attr(g): _keras_compat.tensor_list(ts_)
+                for g, ts_ in snap.tensors.items()}
+            t("tf_write", lambda: tf.train.Checkpoint(**trackables).write(
+                prefix))
+            del trackables
             t("fsync", fsync_all)
             t("checksums", lambda: manifest_lib.describe_files(directory,
                                                                files))

@@ -100,10 +100,11 @@ class Committer:
             return None
         elapsed = time.monotonic() - activity["since"]
         name = activity["name"]
-        if activity["phase"] == "write":
-            return (f"writing {name} to {self.store.directory} "
-                    f"({human_size(activity['bytes'])}, {elapsed:.0f} s)")
         left = max(activity["bytes"] - activity["sent"], 0)
+        if activity["phase"] == "write":
+            return (f"writing {name} to {self.store.directory}: "
+                    f"{human_size(left)} of {human_size(activity['bytes'])} "
+                    f"left, {elapsed:.0f} s")
         return (f"uploading {name} to {self.uploader.url}: "
                 f"{human_size(left)} of {human_size(activity['bytes'])} left"
                 f", {len(self._files_left(activity))} files, "
@@ -205,7 +206,7 @@ class Committer:
             manifest = self.store.write(
                 snapshot, step=step, epoch=epoch, batch=batch,
                 metrics=metrics, history=history, metadata=metadata,
-                name=name,
+                name=name, progress=self._sent,
             )
         finally:
             self.activity = None
