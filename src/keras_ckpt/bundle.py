@@ -49,6 +49,7 @@ import mmap
 import os
 import struct
 import sys
+import threading
 
 import numpy as np
 
@@ -264,7 +265,7 @@ class _DirectSink:
 
     def __init__(self, fd):
         self.fd = fd
-        self.buffers = [mmap.mmap(-1, _CHUNK) for _ in range(2)]
+        self.buffers = _take_staging()
         self.views = [np.frombuffer(b, np.uint8) for b in self.buffers]
         self.current = 0
         self.fill = 0
@@ -321,8 +322,40 @@ class _DirectSink:
             self.pool.shutdown()
             os.close(self.fd)
             self.views = None
-            for buffer in self.buffers:
-                buffer.close()
+            _give_back_staging(self.buffers)
+
+
+# Staging buffers are kept for the next save: touching 16 MiB of fresh
+# memory each save costs page faults (slow on a VM that backs its memory
+# on demand) on the writer's core.
+_staging = []
+_staging_lock = threading.Lock()
+
+
+def _take_staging():
+    with _staging_lock:
+        while _staging:
+            buffers = _staging.pop()
+            if len(buffers[0]) == _CHUNK:
+                return buffers
+            _close(buffers)
+    return [mmap.mmap(-1, _CHUNK) for _ in range(2)]
+
+
+def _give_back_staging(buffers):
+    with _staging_lock:
+        if not _staging:
+            _staging.append(buffers)
+            return
+    _close(buffers)
+
+
+def _close(buffers):
+    for buffer in buffers:
+        try:
+            buffer.close()
+        except BufferError:  # a view still exists: freed with it
+            pass
 
 
 def _string_pieces(array):

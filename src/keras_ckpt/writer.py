@@ -7,13 +7,12 @@ checkpointer, the background thread never swallows an exception: it stores
 it and `check_for_errors()` re-raises it on the training thread at the next
 batch or epoch boundary; `wait_until_finished()` flushes.
 
-The thread keeps the process's scheduling priority. TensorFlow runs the
-kernels of an eager `tf.train.Checkpoint.write` on the calling thread (all
-of its CPU time is on that thread, none on TF's thread pools), so a lower
-priority for this thread alone would reach the whole write; measured, it
-did not speed up training next to a write, and it slowed the write (and the
-final flush) wherever other processes took the CPUs; see "What each lever
-bought" in docs/performance.md.
+The thread keeps the process's scheduling priority. The write runs on this
+thread (`bundle.py`; TensorFlow's own writer, before it, also ran its kernels
+on the calling thread), so a lower priority for this thread alone would reach
+the whole write; measured, it did not speed up training next to a write, and
+it slowed the write (and the final flush) wherever other processes took the
+CPUs; see "What each lever bought" in docs/performance.md.
 """
 
 import threading

@@ -282,6 +282,7 @@ class Checkpoint(compat.Callback):
     # Run state
     # ------------------------------------------------------------------
     def _reset_run_state(self):
+        self._metadata = None  # sources.metadata(model), once per fit
         self._epoch = 0
         self._batch = 0  # batches of self._epoch already trained
         self._step = 0  # global batch count
@@ -525,7 +526,9 @@ class Checkpoint(compat.Callback):
         position = dict(step=self._step, epoch=self._epoch, batch=self._batch)
         history = {"epochs": list(self._history_epochs),
                    "logs": {k: list(v) for k, v in self._history.items()}}
-        metadata = sources.metadata(self.model)
+        if self._metadata is None:  # the model's config: once per fit
+            self._metadata = sources.metadata(self.model)
+        metadata = self._metadata
         self._saved_step = self._step
 
         def job():
