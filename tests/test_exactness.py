@@ -98,18 +98,19 @@ def test_two_kills_in_a_row_still_exact(tmp_path):
 @pytest.mark.slow
 def test_sigkill_during_a_background_write(tmp_path):
     """The in-flight checkpoint is lost, the previous one resumes exactly."""
-    # ~50 MB of state, so writing a checkpoint takes far longer than the one
-    # training step between the save and the kill.
+    # ~50 MB of state: several chunks, so the kill lands inside the data file.
     args = ["--save-freq", "5", "--units", "2048", "--hidden", "2048",
             "--epochs", "2"]
     run(["--dir", str(tmp_path / "reference"), "--out",
          str(tmp_path / "reference.npz"), *args])
     resumed_dir = tmp_path / "resumed"
     out = str(tmp_path / "resumed.npz")
-    # The save of step 15 starts at the beginning of batch 15; the process
-    # is killed at the end of that batch, while the save is being written.
-    first = run(["--dir", str(resumed_dir), "--out", out, "--kill-at-step",
-                 "16", *args], check=False)
+    # The writer of the save of step 15 kills the process once it has
+    # written the first chunk of that checkpoint's data file (a faster
+    # writer finishes within a training step, so a kill timed by steps no
+    # longer lands inside the write).
+    first = run(["--dir", str(resumed_dir), "--out", out, "--kill-mid-write",
+                 "ckpt-15", *args], check=False)
     assert first.returncode == -signal.SIGKILL
     assert not (resumed_dir / "ckpt-15.json").exists(), (
         "the save in flight was expected to be cut short")

@@ -37,6 +37,9 @@ def parse_args():
     p.add_argument("--batches", type=int, default=12)
     p.add_argument("--lr", choices=["schedule", "plateau"], default="schedule")
     p.add_argument("--kill-at-step", type=int)
+    p.add_argument("--kill-mid-write",
+                   help="SIGKILL from the writer once it has written the first "
+                        "chunk of this checkpoint's data file (e.g. ckpt-15)")
     p.add_argument("--sigterm-at-step", type=int)
     p.add_argument("--spe", type=int, default=1)
     p.add_argument("--sync", action="store_true")
@@ -52,6 +55,29 @@ def parse_args():
     p.add_argument("--hidden", type=int, default=0,
                    help="add a Dense(hidden) layer (to make the state large)")
     return p.parse_args()
+
+
+def kill_mid_write(name):
+    """The machine vanishes in the middle of writing checkpoint `name`: the
+    writer's data-file sink SIGKILLs the process after its first chunk."""
+    from keras_ckpt import bundle
+
+    open_sink = bundle._open_sink
+
+    def killing_sink(path):
+        sink = open_sink(path)
+        if os.path.basename(path) != name + bundle.DATA_SUFFIX:
+            return sink
+        write = sink.write
+
+        def write_then_die(chunk):
+            write(chunk)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        sink.write = write_then_die
+        return sink
+
+    bundle._open_sink = killing_sink
 
 
 class Killer(keras.callbacks.Callback):
@@ -114,6 +140,8 @@ def main():
         resume=not args.no_resume, verbose=1,
         preemption_grace_seconds=args.grace,
     )
+    if args.kill_mid_write:
+        kill_mid_write(args.kill_mid_write)
     kill_at = args.kill_at_step if args.kill_at_step is not None else args.sigterm_at_step
     sig = signal.SIGKILL if args.kill_at_step is not None else signal.SIGTERM
     if args.preset:
