@@ -381,8 +381,8 @@ def variants(args, cloud, direction):
 
 
 def run_transfers(args, ems, tmp):
-    from keras_ckpt.uploaders import base as uploader_base
-    from keras_ckpt.uploaders.base import UploaderOptions
+    from keras_ckpt.store import base as uploader_base
+    from keras_ckpt.store.base import UploaderOptions
 
     options = UploaderOptions()
     local = os.path.join(tmp, "local")
@@ -639,7 +639,7 @@ def one_fit(model, data, config, steps, save_freq, ems, tmp, sdks):
 
 
 def run_stall(args, ems, tmp):
-    from keras_ckpt.uploaders.base import UploaderOptions
+    from keras_ckpt.store.base import UploaderOptions
 
     t0 = time.perf_counter()
     model, data = build_model(args.stall_width, args.stall_layers, args.batch)

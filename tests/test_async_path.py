@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 import keras_ckpt
-from keras_ckpt.uploaders import get_uploader
-from keras_ckpt.uploaders.base import UploadCancelled
-from keras_ckpt.uploaders.local import LocalUploader
+from keras_ckpt.store import get_uploader
+from keras_ckpt.store.base import UploadCancelled
+from keras_ckpt.store.local import LocalStore
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAST = dict(retries=1, backoff=0.01, max_backoff=0.05, timeout=5,
@@ -112,7 +112,7 @@ def test_cancel_before_upload_sends_nothing(file_url, tmp_path):
 # --- preemption supersedes the upload in flight ----------------------------
 
 
-class SlowLink(LocalUploader):
+class SlowLink(LocalStore):
     """A file:// mirror behind a slow link: each data file takes `seconds`
     to go through, reporting progress as it goes (as the cloud SDKs do)."""
 
@@ -145,7 +145,7 @@ def test_preemption_supersedes_the_upload_in_flight(file_url, tmp_path,
                                                     caplog):
     x, y = data()
     local = tmp_path / "local"
-    mirror = SlowLink(file_url, options=keras_ckpt.uploaders.UploaderOptions(
+    mirror = SlowLink(file_url, options=keras_ckpt.store.UploaderOptions(
         **FAST))
     ckpt = keras_ckpt.Checkpoint(
         directory=str(local), mirror=mirror, save_freq=2, max_to_keep=5,
@@ -174,7 +174,7 @@ def test_preemption_supersedes_the_upload_in_flight(file_url, tmp_path,
 def test_next_run_heals_a_superseded_upload(file_url, tmp_path):
     x, y = data()
     local = tmp_path / "local"
-    options = keras_ckpt.uploaders.UploaderOptions(**FAST)
+    options = keras_ckpt.store.UploaderOptions(**FAST)
 
     def run(extra, mirror, epochs=1):
         ckpt = keras_ckpt.Checkpoint(
@@ -265,7 +265,7 @@ def fit_through_slow_link(file_url, tmp_path, monkeypatch, seconds,
     """One short fit whose final checkpoint takes `seconds` to upload."""
     monkeypatch.setattr(SlowLink, "seconds", seconds)
     x, y = data(16)
-    mirror = SlowLink(file_url, options=keras_ckpt.uploaders.UploaderOptions(
+    mirror = SlowLink(file_url, options=keras_ckpt.store.UploaderOptions(
         **FAST))
     ckpt = fit_through_slow_link.last = keras_ckpt.Checkpoint(
         directory=str(tmp_path / "local"), mirror=mirror, on_preemption=None,

@@ -592,7 +592,7 @@ def test_prune_leaves_incomplete_checkpoints_alone(capsys, source):
 def interrupt_on_call(monkeypatch, method, n):
     """Makes `Uploader.<method>` raise KeyboardInterrupt on its n-th call,
     like Ctrl-C in the middle of a transfer."""
-    from keras_ckpt.uploaders.base import Uploader
+    from keras_ckpt.store.base import Uploader
 
     original = getattr(Uploader, method)
     calls = []

@@ -81,3 +81,27 @@ def test_readme_links_resolve():
     readme = read("README.md")
     for target in re.findall(r"\]\(((?:docs|examples)/[^)#]+)\)", readme):
         assert os.path.exists(os.path.join(ROOT, target)), target
+
+
+def python_blocks(*parts):
+    """The ```python blocks of a docs page, in order."""
+    return re.findall(r"```python\n(.*?)```", read(*parts), flags=re.S)
+
+
+def test_writing_a_store_example_runs(tmp_path):
+    """docs/custom-uploader.md ("Writing a store"): its setup block (the
+    page's last), then its example, run as a user would paste them."""
+    *examples, setup = python_blocks("docs", "custom-uploader.md")
+    script = tmp_path / "store_example.py"
+    script.write_text(setup + "\n" + "\n".join(examples))
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"),
+               TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path,
+                            capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert "['ckpt-8', 'ckpt-16']" in lines
+    assert any(line.startswith("Could not access mem://no-such-bucket/run-1."
+                               " The bucket `no-such-bucket` does not exist.")
+               for line in lines), result.stdout

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from keras_ckpt import manifest as manifest_lib
 from keras_ckpt.manager import LocalCheckpoints
-from keras_ckpt.uploaders import get_uploader
+from keras_ckpt.store import get_uploader
 from test_e2e import assert_same
 from test_e2e import run
 

@@ -581,7 +581,8 @@ def _internal_touches(tree):
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             module = getattr(node, "module", None) or ""
             names = [module] + [a.name for a in node.names]
-            if any(n.startswith(("keras.src", "tensorflow.python", "tf_keras"))
+            if any(n.startswith(("keras.src", "tensorflow.python",
+                                 "tensorflow.core", "tf_keras"))
                    for n in names):
                 yield node.lineno, f"import of {names}"
 
@@ -594,9 +595,10 @@ def test_internals_stay_here():
         context.context().get_config_key_value("k", 1)
         tf.__internal__.tracking.Trackable
         self._save()
+        from tensorflow.core.protobuf import saved_model_pb2
     """))
     assert sorted(line for line, _ in _internal_touches(planted)) == [
-        2, 3, 4, 5, 6]  # not self._save(): keras_ckpt's own attribute
+        2, 3, 4, 5, 6, 8]  # not self._save(): keras_ckpt's own attribute
     root = os.path.join(os.path.dirname(compat.__file__))
     found = []
     for folder, _, files in os.walk(root):
@@ -611,3 +613,11 @@ def test_internals_stay_here():
     assert not found, (
         "Keras/TF internals touched outside keras_ckpt/_keras_compat.py; move "
         "each behind a function there, with a test here:\n" + "\n".join(found))
+
+
+def test_saved_model_signatures(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.export(str(tmp_path / "m"), format="tf_saved_model", verbose=False)
+    names = compat.saved_model_signatures(str(tmp_path / "m" /
+                                              "saved_model.pb"))
+    assert {"serve", "serving_default"} <= set(names)

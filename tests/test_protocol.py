@@ -22,7 +22,7 @@ from keras_ckpt import lease as lease_lib
 from keras_ckpt import manifest as manifest_lib
 from keras_ckpt.errors import ConcurrentWriterError
 from keras_ckpt.errors import StorageError
-from keras_ckpt.uploaders import get_uploader
+from keras_ckpt.store import get_uploader
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAST = dict(retries=1, backoff=0.01, max_backoff=0.05, timeout=5,

@@ -572,6 +572,78 @@ def test_case9_remote_resume_falls_back_past_a_corrupt_latest(
     assert keras_ckpt.restore(make_model(), mirror_url).name == "ckpt-6"
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_every_reader_falls_back_past_the_same_damaged_checkpoint(
+        store, where, tmp_path, caplog, capsys, request):
+    """restore(), load_model(), `keras-ckpt export` and resume read through
+    one path: with the newest checkpoint's bytes flipped (sizes intact) and
+    a valid older one beside it, all four use the older one, each with one
+    warning naming the damaged one. (load_model used to pick by sizes only
+    and fail with TensorFlow's own "Checksum does not match".)"""
+    expected = weights_of(store, "ckpt-6")
+    corrupt(store / "ckpt-8.data-00000-of-00001")
+    source = str(store)
+    if where == "s3":
+        source = request.getfixturevalue("s3_url")
+        keras_ckpt.get_uploader(source).push(str(store))
+
+    def one_warning_about_ckpt_8():
+        warnings = [r.getMessage() for r in caplog.records
+                    if "damaged" in r.getMessage()]
+        caplog.clear()
+        assert len(warnings) == 1 and "ckpt-8" in warnings[0], warnings
+
+    def same_weights(model):
+        for got, want in zip(model.get_weights(), expected):
+            np.testing.assert_array_equal(got, want)
+
+    with caplog.at_level(logging.WARNING, logger="keras_ckpt"):
+        model = make_model()
+        assert keras_ckpt.restore(model, source).name == "ckpt-6"
+        same_weights(model)
+        one_warning_about_ckpt_8()
+
+        same_weights(keras_ckpt.load_model(source))
+        one_warning_about_ckpt_8()
+
+        out = tmp_path / "export"
+        _, printed, _ = run_cli(capsys, "export", source, out, codes=(0,))
+        assert "Exported ckpt-6 " in printed
+        one_warning_about_ckpt_8()
+
+        if where == "local":
+            found = resume_lib.find_checkpoint(
+                True, LocalCheckpoints(store), None, RetentionPolicy())
+        else:
+            found = resume_lib.find_checkpoint(
+                True, LocalCheckpoints(tmp_path / "fresh"),
+                keras_ckpt.get_uploader(source), RetentionPolicy())
+        assert found.manifest.name == "ckpt-6"
+        one_warning_about_ckpt_8()
+
+    # The damaged checkpoint named by step is refused by every reader.
+    for read in (lambda: keras_ckpt.restore(make_model(), source,
+                                            checkpoint=8),
+                 lambda: keras_ckpt.load_model(source, checkpoint=8)):
+        with pytest.raises(keras_ckpt.CorruptCheckpointError,
+                           match="ckpt-8"):
+            read()
+
+
+def test_a_missing_branch_point_is_not_found(tmp_path):
+    """`resume=` / `restore()` of a checkpoint path whose directory does not
+    exist: CheckpointNotFoundError naming it (it was a CorruptCheckpointError
+    with an empty reason)."""
+    missing = tmp_path / "runs" / "base" / "ckpt-12000"
+    with pytest.raises(keras_ckpt.CheckpointNotFoundError,
+                       match="runs/base"):
+        keras_ckpt.restore(make_model(), missing)
+    with pytest.raises(keras_ckpt.CheckpointNotFoundError,
+                       match="runs/base"):
+        fit(make_model(), tmp_path / "trial-7", epochs=1,
+            resume=str(missing))
+
+
 def test_case11_downloads_are_fsynced_before_the_manifest(store, file_url,
                                                           tmp_path,
                                                           monkeypatch):

@@ -23,11 +23,11 @@ import pytest
 import keras_ckpt
 from keras_ckpt import cli
 from keras_ckpt.errors import StorageError
-from keras_ckpt.uploaders import AzureUploadOptions
-from keras_ckpt.uploaders import GCSUploadOptions
-from keras_ckpt.uploaders import S3UploadOptions
-from keras_ckpt.uploaders import get_uploader
-from keras_ckpt.uploaders import upload_options as upload_options_lib
+from keras_ckpt.store import AzureUploadOptions
+from keras_ckpt.store import GCSUploadOptions
+from keras_ckpt.store import S3UploadOptions
+from keras_ckpt.store import get_uploader
+from keras_ckpt.store import options as upload_options_lib
 from test_uploaders import FAST
 from test_uploaders import write_checkpoint
 from test_uploaders import write_pointer

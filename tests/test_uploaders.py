@@ -19,12 +19,13 @@ from keras_ckpt.errors import CheckpointNotFoundError
 from keras_ckpt.errors import CorruptCheckpointError
 from keras_ckpt.errors import MissingDependencyError
 from keras_ckpt.errors import StorageError
-from keras_ckpt.uploaders import Uploader
-from keras_ckpt.uploaders import UploaderOptions
-from keras_ckpt.uploaders import get_uploader
-from keras_ckpt.uploaders import register_uploader
-from keras_ckpt.uploaders import registry
-from keras_ckpt.uploaders.local import LocalUploader
+from keras_ckpt.store import Store
+from keras_ckpt.store import Uploader
+from keras_ckpt.store import UploaderOptions
+from keras_ckpt.store import get_uploader
+from keras_ckpt.store import register_uploader
+from keras_ckpt.store import registry
+from keras_ckpt.store.local import LocalStore
 
 MiB = 1024 * 1024
 # Quick failure for tests; the defaults are meant for real networks.
@@ -423,15 +424,15 @@ def test_options_are_validated():
 
 def test_get_uploader_returns_an_uploader_as_is():
     uploader = get_uploader("file:///tmp/x")
-    assert isinstance(uploader, LocalUploader)
+    assert isinstance(uploader, LocalStore)
     assert uploader.url == "file:///tmp/x"
     assert get_uploader(uploader) is uploader
     with pytest.raises(ValueError, match="retries"):
         get_uploader(uploader, retries=2)
 
 
-class DirUploader(LocalUploader):
-    """`dir:///path`: a LocalUploader under another scheme."""
+class DirUploader(LocalStore):
+    """`dir:///path`: a LocalStore under another scheme."""
 
     def _parse_url(self, url):
         return super()._parse_url("file" + url[len("dir"):])
@@ -457,8 +458,8 @@ def import_report(tmp_path_factory):
     script = tmp_path_factory.mktemp("imports") / "check.py"
     script.write_text(
         "import json, sys\n"
-        "import keras_ckpt, keras_ckpt.uploaders\n"
-        "keras_ckpt.uploaders.get_uploader('file:///tmp/x').check\n"
+        "import keras_ckpt, keras_ckpt.store\n"
+        "keras_ckpt.store.get_uploader('file:///tmp/x').check\n"
         "sdks = ('boto3', 'botocore', 's3transfer', 'google.cloud',\n"
         "        'google.cloud.storage', 'google.auth', 'azure',\n"
         "        'azure.storage.blob', 'azure.identity')\n"
@@ -467,7 +468,7 @@ def import_report(tmp_path_factory):
         "    sys.modules[mod] = None\n"
         "for url in ('s3://b/p', 'gs://b/p', 'az://c/p'):\n"
         "    try:\n"
-        "        keras_ckpt.uploaders.get_uploader(url)\n"
+        "        keras_ckpt.store.get_uploader(url)\n"
         "        report[url] = 'no error'\n"
         "    except Exception as e:\n"
         "        report[url] = [type(e).__name__, str(e),\n"
@@ -612,11 +613,15 @@ def test_persistent_failure_keeps_the_previous_checkpoint(
     assert uploader.read_pointer() == ("ckpt-2", ["ckpt-1", "ckpt-2"])
 
 
-def test_uploader_is_subclassable():
-    # The primitives are the whole contract: a subclass that implements
-    # none of them fails loudly, not silently.
-    class Incomplete(Uploader):
-        pass
+def test_a_store_lacking_a_primitive_cannot_be_built():
+    # The primitives are the whole contract: a store without conditional
+    # writes (or any other primitive) fails when it is built, naming what
+    # it lacks, instead of silently losing the writer lease later.
+    class NoConditionalWrites(LocalStore):
+        _read_versioned = Store._read_versioned
+        _write_if = Store._write_if
 
-    with pytest.raises(NotImplementedError):
-        Incomplete("mem://bucket/prefix").list_files()
+    with pytest.raises(TypeError, match="_read_versioned, _write_if"):
+        NoConditionalWrites("file:///tmp/x")
+    # `Uploader`, the older name, is the same class.
+    assert Uploader is Store

@@ -28,11 +28,12 @@ if typing.TYPE_CHECKING:  # for type checkers, IDEs and the API reference
     from keras_ckpt.manifest import CheckpointInfo
     from keras_ckpt.platforms import Platform
     from keras_ckpt.platforms import detect_platform
-    from keras_ckpt.restoring import list_checkpoints
+    from keras_ckpt.sources import list_checkpoints
     from keras_ckpt.restoring import restore
-    from keras_ckpt.uploaders import Uploader
-    from keras_ckpt.uploaders import get_uploader
-    from keras_ckpt.uploaders import register_uploader
+    from keras_ckpt.store import Store
+    from keras_ckpt.store import Uploader
+    from keras_ckpt.store import get_uploader
+    from keras_ckpt.store import register_uploader
 
 # Public name -> module that defines it. Imported on first use (PEP 562), so
 # that `import keras_ckpt` and the TensorFlow-free CLI commands (`ls`,
@@ -52,13 +53,14 @@ _EXPORTS = {
     "MissingDependencyError": "keras_ckpt.errors",
     "Platform": "keras_ckpt.platforms",
     "StorageError": "keras_ckpt.errors",
-    "Uploader": "keras_ckpt.uploaders",
+    "Store": "keras_ckpt.store",
+    "Uploader": "keras_ckpt.store",
     "detect_platform": "keras_ckpt.platforms",
     "export_saved_model": "keras_ckpt.export",
-    "get_uploader": "keras_ckpt.uploaders",
-    "list_checkpoints": "keras_ckpt.restoring",
+    "get_uploader": "keras_ckpt.store",
+    "list_checkpoints": "keras_ckpt.sources",
     "load_model": "keras_ckpt.loading",
-    "register_uploader": "keras_ckpt.uploaders",
+    "register_uploader": "keras_ckpt.store",
     "restore": "keras_ckpt.restoring",
 }
 
@@ -77,6 +79,7 @@ __all__ = [
     "MissingDependencyError",
     "Platform",
     "StorageError",
+    "Store",
     "Uploader",
     "detect_platform",
     "export_saved_model",

@@ -323,6 +323,17 @@ _SHUFFLE_OPS = ("ShuffleDataset", "ShuffleDatasetV2", "ShuffleDatasetV3",
                 "ShuffleAndRepeatDataset", "ShuffleAndRepeatDatasetV2")
 
 
+def saved_model_signatures(path):
+    """The signature names of the first meta graph of `saved_model.pb` at
+    `path` (TensorFlow's SavedModel proto)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    with open(path, "rb") as f:
+        saved_model.ParseFromString(f.read())
+    return list(saved_model.meta_graphs[0].signature_def)
+
+
 def dataset_shuffles(dataset):
     """[(seeded, reshuffles)] for every shuffle in a tf.data pipeline.
 

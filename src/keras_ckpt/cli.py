@@ -2,8 +2,8 @@
 
 Every command takes a local checkpoint directory or a mirror URL
 (`s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`,
-`file:///path`) and talks to remote stores only through
-`keras_ckpt.uploaders.Uploader`, so the commit protocol (data, index,
+`file:///path`) and reads and writes it only through its `Store` (a local
+directory is a `LocalStore`), so the commit protocol (data, index,
 manifest, then the `checkpoint` pointer) is the same as during training.
 
 Exit codes: 0 success, 1 failure (a damaged checkpoint, a missing bucket, a
@@ -75,110 +75,49 @@ class _Entry:
 
 
 class _Source:
-    """A local directory or a mirror URL: both list through
-    `manifest.list_store`, via `LocalCheckpoints.listing()` or
-    `Uploader.listing()`."""
+    """A local directory or a mirror URL, seen the same way: through its
+    `Store`."""
+
+    def __init__(self, location):
+        from keras_ckpt import sources
+
+        self.remote = sources.is_remote(location)
+        self.store = _uploader(location) if self.remote else (
+            sources.open_store(location))
+        self.location = self.store.url if self.remote else (
+            self.store.directory)
 
     def entries(self):
         """Every checkpoint with a manifest, valid or not, oldest first."""
-        return [
-            _Entry(listed.name, listed.manifest, list(listed.problems),
-                   self.where(listed.name))
-            for listed in self._listing()
-        ]
-
-
-class _LocalSource(_Source):
-    """A local checkpoint directory (`keras_ckpt.manager.LocalCheckpoints`)."""
-
-    remote = False
-
-    def __init__(self, directory):
-        from keras_ckpt.manager import LocalCheckpoints
-
-        self.store = LocalCheckpoints(directory)
-        self.location = self.store.directory
-
-    def _listing(self):
-        if not os.path.isdir(self.location):
+        if not self.remote and not os.path.isdir(self.location):
             raise CheckpointNotFoundError(
                 f"{self.location} does not exist or is not a directory."
             )
-        return self.store.listing()
+        return [
+            _Entry(listed.name, listed.manifest, list(listed.problems),
+                   self.where(listed.name))
+            for listed in self.store.listing()
+        ]
 
     def where(self, name):
-        return self.store.prefix(name)
+        if self.remote:
+            return f"{self.location}/{name}"
+        return manifest_lib.confined(self.location, name)
 
     def leftovers(self):
-        return _leftover_names(os.listdir(self.location))
+        return _leftover_names(self.store.list_files())
 
     def checksum_problems(self, entry):
-        return manifest_lib.local_problems(
-            self.location, entry.manifest, checksums=True
-        )
-
-    def restore_source(self):
-        return self.location
-
-
-class _RemoteSource(_Source):
-    """A mirror URL, through its `Uploader`."""
-
-    remote = True
-
-    def __init__(self, uploader):
-        self.uploader = uploader
-        self.location = uploader.url
-
-    def _listing(self):
-        return self.uploader.listing()
-
-    def where(self, name):
-        return f"{self.location}/{name}"
-
-    def leftovers(self):
-        return _leftover_names(self.uploader.list_files())
-
-    def checksum_problems(self, entry):
-        """Downloads each file (one at a time, to a temporary directory)
-        and checks its size and checksum against the manifest."""
-        problems = []
-        with tempfile.TemporaryDirectory(prefix="keras_ckpt-verify-") as tmp:
-            for filename, spec in sorted(entry.manifest.files.items()):
-                path = manifest_lib.confined(tmp, filename)
-                try:
-                    self.uploader.download_file(filename, path)
-                except CheckpointNotFoundError:
-                    problems.append(f"{filename} is missing")
-                    continue
-                size = os.path.getsize(path)
-                if size != int(spec["size"]):
-                    problems.append(
-                        f"{filename} has {size} bytes, manifest says "
-                        f"{spec['size']}"
-                    )
-                else:
-                    problem = manifest_lib.checksum_problem(path, spec)
-                    if problem:
-                        problems.append(f"{filename} {problem}")
-                os.remove(path)
-        return problems
-
-    def restore_source(self):
-        return self.location
-
-
-def _is_url(text):
-    scheme, sep, _ = str(text).partition("://")
-    return bool(sep) and len(scheme) > 1 and scheme.isalnum()
+        return self.store.checksum_problems(entry.manifest)
 
 
 def _uploader(url):
     """`get_uploader(url)`; a malformed URL or unknown scheme is a usage
     error, and a plain path means that directory (`file://`)."""
-    from keras_ckpt.uploaders import get_uploader
+    from keras_ckpt import sources
+    from keras_ckpt.store import get_uploader
 
-    if not _is_url(url):
+    if not sources.is_url(url):
         url = "file://" + os.path.abspath(url)
     try:
         return get_uploader(url)
@@ -191,8 +130,9 @@ def _upload_options(args):
     """Applies `--upload-option` to every uploader the command builds, after
     checking the options (and KERAS_CKPT_UPLOAD_OPTIONS) for each URL
     argument, so a typo fails before any transfer."""
-    from keras_ckpt.uploaders import UploaderOptions
-    from keras_ckpt.uploaders import upload_options as upload_options_lib
+    from keras_ckpt import sources
+    from keras_ckpt.store import UploaderOptions
+    from keras_ckpt.store import options as upload_options_lib
 
     try:
         given = upload_options_lib.parse_entries(
@@ -211,7 +151,7 @@ def _upload_options(args):
     with upload_options_lib.command_line(given):
         for name in ("url", "source", "out", "ckpt"):
             value = getattr(args, name, None)
-            if isinstance(value, str) and _is_url(value):
+            if isinstance(value, str) and sources.is_url(value):
                 try:
                     _uploader(value)
                 except KerasCkptError:
@@ -224,11 +164,11 @@ def _open_source(source):
     (`dir/ckpt-120`, `s3://b/p/ckpt-120`), or None for a whole directory."""
     from keras_ckpt import sources
 
-    if _is_url(source):
-        base, name = sources.split_checkpoint_url(source)
-        return _RemoteSource(_uploader(base)), name
-    store, name = sources.local_source(source)
-    return _LocalSource(store.directory), name
+    location, name = sources.parse_source(source)
+    if name is None and not sources.is_remote(location) and not (
+            os.path.isdir(location)):
+        sources.local_source(location)  # raises, naming what is missing
+    return _Source(location), name
 
 
 def _leftover_names(filenames):
@@ -252,17 +192,6 @@ def _retention(monitor=None, mode="auto", **kwargs):
 
     return RetentionPolicy(monitor=monitor, mode=resolve_mode(monitor, mode),
                            **kwargs)
-
-
-@contextlib.contextmanager
-def _quiet(logger_name):
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 # ---------------------------------------------------------------------------
@@ -576,14 +505,12 @@ def _cmd_verify(args):
 def _cmd_pull(args):
     from keras_ckpt import sources
 
-    if _is_url(args.dir):
+    if sources.is_url(args.dir):
         raise _UsageError(
             f"DIR must be a local directory, not {args.dir!r}. To copy "
             "between stores, pull to a directory, then push it."
         )
-    base, name = sources.split_checkpoint_url(
-        args.source if _is_url(args.source) else os.path.abspath(args.source)
-    )
+    base, name = sources.parse_source(args.source)
     uploader = _uploader(base)
     directory = os.path.abspath(args.dir)
     listing = {listed.name: listed.manifest for listed in uploader.listing()
@@ -619,7 +546,9 @@ def _cmd_pull(args):
 
 
 def _cmd_push(args):
-    if _is_url(args.dir):
+    from keras_ckpt import sources
+
+    if sources.is_url(args.dir):
         raise _UsageError(
             f"DIR must be a local directory, not {args.dir!r}."
         )
@@ -627,7 +556,7 @@ def _cmd_push(args):
     uploader = _uploader(args.url)
     # What `push()` will send: every file of each local checkpoint that is
     # not already mirrored with the same manifest and sizes.
-    local = _LocalSource(directory) if os.path.isdir(directory) else None
+    local = _Source(directory) if os.path.isdir(directory) else None
     pending = 0
     if local is not None:
         listing = uploader.list_files()
@@ -636,7 +565,7 @@ def _cmd_push(args):
             mirrored = (
                 manifest_file in listing
                 and not manifest_lib.size_problems(entry.manifest, listing)
-                and _read(local.store.manifest_path(entry.name))
+                and local.store.read_bytes(manifest_file)
                 == uploader.read_bytes(manifest_file)
             )
             if not mirrored:
@@ -649,11 +578,6 @@ def _cmd_push(args):
     return 0
 
 
-def _read(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def _span(names):
     if not names:
         return "none"
@@ -664,7 +588,7 @@ def _span(names):
 
 def _cmd_export(args):
     from keras_ckpt.export import export_saved_model
-    from keras_ckpt.loading import load_model
+    from keras_ckpt.loading import load
 
     if args.layout == "vertex" and args.version is not None:
         raise _UsageError(
@@ -680,10 +604,12 @@ def _cmd_export(args):
             "give the checkpoint directory as SOURCE."
         )
     _import_modules(args.imports)
-    entry = _select(source, name, args.checkpoint or "latest", args.monitor,
-                    args.mode)
     try:
-        model = load_model(entry.location, compile=False)
+        # The read path of restore() and load_model(): verified, and for
+        # "latest"/"best" a damaged checkpoint falls back to the previous.
+        model, found = load(args.source, args.checkpoint or "latest",
+                            _retention(args.monitor, args.mode),
+                            compile=False)
     except KerasCkptError as e:
         if "custom_objects" not in str(e):
             raise
@@ -691,7 +617,7 @@ def _cmd_export(args):
             f"{e} On the command line: --import MODULE for the module that "
             "registers them."
         ) from None
-    info = entry.manifest
+    info = found.manifest
     try:
         path = export_saved_model(model, args.out, layout=args.layout,
                                   version=args.version,
@@ -746,18 +672,12 @@ def _cmd_prune(args):
     dropped = [e for e in complete if e.name not in keep]
     verb = "would delete" if args.dry_run else "deleted"
     if not args.dry_run and dropped:
-        if source.remote:
-            # Pointer first, then each dropped checkpoint's manifest before
-            # its data. Not `Uploader.retain()`: that also deletes
-            # checkpoints without a manifest, which may be uploads of a
-            # running job still in flight.
-            source.uploader.commit([e.name for e in kept],
-                                   [e.manifest.timestamp for e in kept])
-            for entry in dropped:
-                source.uploader.delete_checkpoint(entry.name)
-        else:
-            with _quiet("keras_ckpt"):
-                source.store.retain(policy)
+        # Pointer first, then each dropped checkpoint's manifest before
+        # its data; a save or upload still in flight (files newer than the
+        # latest, no manifest yet) is spared.
+        source.store.retain([e.name for e in kept],
+                            [e.manifest.timestamp for e in kept],
+                            drop_damaged=False)
     rows = []
     for entry in complete:
         action = verb if entry.name not in keep else "keep"

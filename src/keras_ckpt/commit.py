@@ -24,14 +24,13 @@ answers, the next save uploads every kept checkpoint it lacks.
 import logging
 import threading
 import time
-import urllib.parse
 
 from keras_ckpt import lease as lease_lib
 from keras_ckpt import manifest as manifest_lib
 from keras_ckpt._format import human_size
 from keras_ckpt.errors import StorageError
-from keras_ckpt.uploaders.base import UploadCancelled
-from keras_ckpt.uploaders.base import _in_commit_order
+from keras_ckpt.store.base import UploadCancelled
+from keras_ckpt.store.base import _in_commit_order
 
 logger = logging.getLogger("keras_ckpt")
 
@@ -159,13 +158,10 @@ class Committer:
         chosen, so that a second job never reads a checkpoint the first one
         is still writing around.
         """
-        from keras_ckpt.uploaders.local import LocalUploader
-
         job = lease_lib.describe_job()
         self.store.ensure_directory()
-        local = LocalUploader(
-            "file://" + urllib.parse.quote(self.store.directory))
-        self._leases = [lease_lib.Lease(local, job, self.store.directory)]
+        self._leases = [
+            lease_lib.Lease(self.store.store, job, self.store.directory)]
         if self.uploader is not None:
             self._leases.append(
                 lease_lib.Lease(self.uploader, job, self.uploader.url))

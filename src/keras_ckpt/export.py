@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 
+from keras_ckpt import sources
 from keras_ckpt.errors import ExportExistsError
 
 LAYOUTS = ("plain", "sagemaker", "vertex")
@@ -58,7 +59,7 @@ def export_saved_model(
             destination. Defaults to `False`, which raises
             `ExportExistsError` instead.
         uploader_factory: callable taking the destination URL and returning
-            the `keras_ckpt.uploaders.Uploader` to write it with (to pass
+            the `keras_ckpt.store.Uploader` to write it with (to pass
             options: `lambda url: keras_ckpt.get_uploader(url, retries=8)`).
             Defaults to `None`, meaning `keras_ckpt.get_uploader`.
 
@@ -92,7 +93,7 @@ def export_saved_model(
             "Invalid value for argument `layout`. "
             f"Received: layout={layout!r}. Expected one of {LAYOUTS}."
         )
-    version = _validate_version(version, layout)
+    version = validate_version(version, layout)
     if not getattr(model, "built", False):
         raise ValueError(
             "The model must be built before it can be exported: call it on a "
@@ -101,7 +102,7 @@ def export_saved_model(
         )
     export_dir = os.fspath(export_dir)
     subdir = None if layout == "vertex" else str(version)
-    if _is_url(export_dir):
+    if sources.is_url(export_dir):
         root = export_dir.rstrip("/")
         with tempfile.TemporaryDirectory(prefix="keras_ckpt-export-") as tmp:
             local = os.path.join(tmp, "saved_model")
@@ -116,7 +117,7 @@ def export_saved_model(
     return target
 
 
-def _validate_version(version, layout):
+def validate_version(version, layout):
     if layout == "vertex":
         if version is not None:
             raise ValueError(
@@ -140,21 +141,13 @@ def _validate_version(version, layout):
     return int(version)
 
 
-def _is_url(path):
-    scheme, sep, _ = path.partition("://")
-    # A single letter is a Windows drive ("C:/..."), not a scheme.
-    return bool(sep) and len(scheme) > 1 and scheme.isalnum()
-
-
 def _write_saved_model(model, path):
     """Writes the SavedModel and checks it has the signatures servers call."""
     model.export(path, format="tf_saved_model", verbose=False)
-    from tensorflow.core.protobuf import saved_model_pb2
+    from keras_ckpt import _keras_compat
 
-    saved_model = saved_model_pb2.SavedModel()
-    with open(os.path.join(path, SAVED_MODEL_FILENAME), "rb") as f:
-        saved_model.ParseFromString(f.read())
-    found = set(saved_model.meta_graphs[0].signature_def)
+    found = set(_keras_compat.saved_model_signatures(
+        os.path.join(path, SAVED_MODEL_FILENAME)))
     missing = [name for name in SIGNATURES if name not in found]
     if missing:
         raise ValueError(
@@ -214,7 +207,7 @@ def _move_into_place(tmp, target, overwrite):
 
 # --- remote destinations -------------------------------------------------
 # The only code that talks to the uploader. It uses three primitives of
-# `keras_ckpt.uploaders.Uploader` (rooted at the export root, names relative
+# `keras_ckpt.store.Uploader` (rooted at the export root, names relative
 # to it): `list_files() -> {name: size}`, `delete_file(name)` and
 # `upload_file(local_path, name)`, each retried by the uploader itself.
 
@@ -222,7 +215,7 @@ def _move_into_place(tmp, target, overwrite):
 def _upload_tree(local_dir, url, subdir=None, *, overwrite=False, uploader_factory=None):
     """Uploads the SavedModel in `local_dir` to `url[/subdir]`, saved_model.pb last."""
     if uploader_factory is None:
-        from keras_ckpt.uploaders import get_uploader as uploader_factory
+        from keras_ckpt.store import get_uploader as uploader_factory
     uploader = uploader_factory(url)
     prefix = "" if subdir is None else f"{subdir}/"
     target = url if subdir is None else f"{url}/{subdir}"

@@ -14,8 +14,9 @@ it is never blocked by its own earlier run; a job that finds, at its next
 save, that another one holds the lease stops with `ConcurrentWriterError`
 naming it, before it writes or deletes anything more.
 
-The local directory and every mirror use the same code: a local directory
-is read and written through `LocalUploader`.
+The local directory and every mirror use the same code: each is a `Store`
+(the local directory a `LocalStore`), and every store implements the
+conditional writes (they are abstract in `Store`).
 """
 
 import json
@@ -64,7 +65,7 @@ class Lease:
     """The writer lease of one place (a local directory or a mirror prefix).
 
     Args:
-        store: an `Uploader` (a local directory: a `LocalUploader`).
+        store: a `Store` (a local directory: a `LocalStore`).
         job: dict from `describe_job()`, the same for every place this job
             writes to.
         where: str, the place in messages (a directory or URL).
@@ -74,23 +75,13 @@ class Lease:
         self.store = store
         self.job = job
         self.where = where
-        self.supported = True
 
     def acquire(self):
         """Takes the lease over (the later job wins); returns the previous
         holder (a dict) or None."""
         data = json.dumps(self.job, sort_keys=True).encode("utf-8")
         for _ in range(_ATTEMPTS):
-            try:
-                current, version = self.store.read_versioned(LEASE_NAME)
-            except NotImplementedError:
-                self.supported = False
-                logger.warning(
-                    "keras_ckpt: %s has no conditional writes; a second job "
-                    "writing to %s would not be detected.",
-                    type(self.store).__name__, self.where,
-                )
-                return None
+            current, version = self.store.read_versioned(LEASE_NAME)
             holder = _parse(current) if current is not None else None
             if holder and holder.get("id") == self.job["id"]:
                 return None
@@ -114,8 +105,6 @@ class Lease:
     def confirm(self):
         """Raises `ConcurrentWriterError` unless this job still holds the
         lease."""
-        if not self.supported:
-            return
         current = self.store.read_bytes(LEASE_NAME)
         holder = _parse(current) if current is not None else {}
         if holder.get("id") != self.job["id"]:

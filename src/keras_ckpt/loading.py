@@ -1,6 +1,5 @@
 """`load_model()`: a model rebuilt from a checkpoint, without the training script."""
 
-import contextlib
 import tempfile
 
 from keras_ckpt import manager as manager_lib
@@ -75,26 +74,24 @@ def load_model(source, checkpoint="latest", monitor=None, mode="auto",
         _args.invalid("custom_objects", custom_objects, "a dict or None")
     retention = manager_lib.RetentionPolicy(
         monitor=monitor, mode=manager_lib.resolve_mode(monitor, mode))
-    with contextlib.ExitStack() as stack:
-        if sources.is_remote(source):
-            from keras_ckpt.uploaders import get_uploader
-
-            base, name = sources.split_checkpoint_url(str(source))
-            tmp = stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="keras_ckpt-load-"))
-            manifest, store = sources.fetch_remote(
-                get_uploader(base), name or checkpoint, tmp, retention)
-            location = f"{base}/{manifest.name}"
-        else:
-            path = (str(source).removeprefix("file://")
-                    if isinstance(source, str) else source)
-            store, name = sources.local_source(path)
-            manifest = sources.pick(store.manifests(), name or checkpoint,
-                                    retention, store.directory)
-            location = store.prefix(manifest.name)
-        model = rebuild_model(manifest, location, custom_objects, compile)
-        restoring._assign(model, manifest, store, optimizer=compile)
+    model, _ = load(source, checkpoint, retention, custom_objects, compile)
     return model
+
+
+def load(source, checkpoint="latest", retention=None, custom_objects=None,
+         compile=True):
+    """`load_model()`'s work: `(model, found)`, where `found` is the
+    `sources.Found` checkpoint it was restored from (read through the one
+    verified read path, `sources.open_checkpoint`)."""
+    with tempfile.TemporaryDirectory(prefix="keras_ckpt-load-") as tmp:
+        found = sources.open_checkpoint(source, checkpoint, retention,
+                                        download_dir=tmp)
+        location = found.origin
+        model = rebuild_model(found.manifest, location, custom_objects,
+                              compile)
+        restoring.assign(model, found.manifest, found.store,
+                         optimizer=compile)
+    return model, found
 
 
 def rebuild_model(manifest, location, custom_objects=None, compile=True):

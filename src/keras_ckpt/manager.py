@@ -23,7 +23,9 @@ import numpy as np
 
 from keras_ckpt import bundle
 from keras_ckpt import manifest as manifest_lib
-from keras_ckpt.errors import CheckpointWriteError, CorruptCheckpointError
+from keras_ckpt.errors import CheckpointWriteError
+from keras_ckpt.errors import CorruptCheckpointError
+from keras_ckpt.errors import StorageError
 
 logger = logging.getLogger("keras_ckpt")
 
@@ -113,10 +115,17 @@ def tensor_key(group, index):
 
 
 class LocalCheckpoints:
-    """A local checkpoint directory following the commit protocol."""
+    """The local checkpoint directory: TensorFlow-format files written in
+    place (`bundle.py`), then committed, listed, retained and deleted
+    through the directory's `LocalStore` by the protocol every store shares
+    (`store.base.Store`): the manifest after the data and index, the
+    `checkpoint` pointer last."""
 
     def __init__(self, directory):
-        self.directory = os.path.abspath(os.fspath(directory))
+        from keras_ckpt.store.local import LocalStore
+
+        self.store = LocalStore.of_directory(directory)
+        self.directory = self.store.directory
         self._warned = set()
 
     # -- paths ----------------------------------------------------------
@@ -131,21 +140,17 @@ class LocalCheckpoints:
             self.directory, manifest_lib.manifest_name(name))
 
     # -- reading --------------------------------------------------------
-    def _listing(self):
-        try:
-            return os.listdir(self.directory)
-        except FileNotFoundError:
-            return []
-
     def listing(self):
         """Every checkpoint of the directory, valid or not, oldest first:
         a list of `manifest.Listed` (see `manifest.list_store`)."""
-        return manifest_lib.list_directory(self.directory)
+        if not os.path.isdir(self.directory):
+            return []
+        return self.store.listing()
 
     def list_checkpoints(self):
         """`CheckpointInfo` of every checkpoint, invalid ones included
         (`complete=False`, with `problems`), oldest first; the same shape
-        as `Uploader.list_checkpoints()`."""
+        as `Store.list_checkpoints()`, with `path` instead of `url`."""
         return [
             manifest_lib.CheckpointInfo.from_listed(
                 listed, path=self.prefix(listed.name))
@@ -183,7 +188,9 @@ class LocalCheckpoints:
     def names(self):
         """Names of every checkpoint with a manifest, complete or not,
         oldest first."""
-        return manifest_lib.names_from_listing(self._listing())
+        if not os.path.isdir(self.directory):
+            return []
+        return manifest_lib.names_from_listing(self.store.list_files())
 
     def get(self, name):
         for manifest in self.manifests():
@@ -271,9 +278,8 @@ class LocalCheckpoints:
                 history=history or {},
                 metadata=metadata or {},
             )
-            manifest_lib.atomic_write(
-                self.manifest_path(name), manifest.to_json()
-            )
+            self.store.write_bytes(manifest_lib.manifest_name(name),
+                                   manifest.to_json())
         except BaseException as e:
             self._remove_files(name)
             if isinstance(e, (KeyboardInterrupt, SystemExit, bundle.Cancelled)):
@@ -320,33 +326,14 @@ class LocalCheckpoints:
         return manifest_lib.describe_files(self.directory,
                                            self.data_files(name))
 
-    def write_pointer(self, manifests, last_preserved_timestamp=None):
-        """Points `checkpoint` at `manifests` (oldest first, last = latest)."""
-        if not manifests:
-            return
-        text = manifest_lib.format_pointer(
-            [m.name for m in manifests],
-            [m.timestamp for m in manifests],
-            last_preserved_timestamp,
-        )
-        try:
-            manifest_lib.atomic_write(
-                os.path.join(self.directory, manifest_lib.POINTER_NAME), text
-            )
-        except OSError as e:
-            raise CheckpointWriteError(
-                f"Could not update {self.directory}/checkpoint: "
-                f"{_describe_error(e)}. Earlier checkpoints are intact."
-            ) from e
-
     def retain(self, policy, keep=None):
         """Deletes checkpoints outside `policy`; returns the kept manifests.
 
         Runs only after a new checkpoint committed, so the checkpoint a run
-        resumed from is never deleted before a newer one exists.
-
-        Also removes files of checkpoints that never committed (no manifest)
-        and are older than the newest committed one.
+        resumed from is never deleted before a newer one exists. The
+        pointer names the kept checkpoints, then the others are deleted,
+        with the leftovers of interrupted saves older than the newest
+        (`Store.retain()`).
 
         Args:
             policy: `RetentionPolicy`.
@@ -358,30 +345,36 @@ class LocalCheckpoints:
         if keep is None:
             keep = policy.select(manifests)
         kept = [m for m in manifests if m.name in keep]
-        self.write_pointer(kept)
-        for m in manifests:
-            if m.name not in keep:
-                self.delete(m.name)
-        newest = manifest_lib.step_of(manifests[-1].name) if manifests else -1
-        committed = {m.name for m in manifests}
-        for filename in self._listing():
-            base = filename.split(".", 1)[0].split("_temp", 1)[0]
-            step = manifest_lib.step_of(base)
-            if step is not None and step < newest and base not in committed:
-                if not os.path.exists(self.manifest_path(base)):
-                    self._remove_files(base)
+        if not kept:
+            return kept
+        try:
+            self.store.retain([m.name for m in kept],
+                              [m.timestamp for m in kept],
+                              drop_damaged=False)
+        except StorageError as e:
+            raise CheckpointWriteError(
+                f"Could not update {self.directory}/checkpoint or delete a "
+                f"dropped checkpoint: {_describe_error(e)} Earlier "
+                "checkpoints are intact."
+            ) from e
         return kept
 
     def delete(self, name):
-        """Deletes a checkpoint: manifest first, so it stops being complete."""
-        try:
-            os.remove(self.manifest_path(name))
-        except FileNotFoundError:
-            pass
+        """Deletes a checkpoint: manifest first, so it stops being complete;
+        then its files, and what TensorFlow's writer left of it
+        (`<name>_temp*`)."""
+        if os.path.isdir(self.directory):
+            self.store.delete_checkpoint(name)
         self._remove_files(name)
 
     def _remove_files(self, name):
-        for filename in self._listing():
+        """Removes the files of an uncommitted checkpoint `name`: a failed
+        write's partial files, TensorFlow's `<name>_temp*` directories."""
+        try:
+            filenames = os.listdir(self.directory)
+        except FileNotFoundError:
+            return
+        for filename in filenames:
             if filename == manifest_lib.manifest_name(name):
                 continue
             if filename.startswith(name + ".") or filename.startswith(

@@ -569,7 +569,7 @@ class Listed:
 def list_store(sizes, read_manifest, location):
     """Lists the checkpoints of a directory or prefix, oldest first.
 
-    The one listing of keras_ckpt: the local directory, every `Uploader`,
+    The one listing of keras_ckpt: every `Store` (the local directory too),
     the CLI and resume all answer through it. Nothing read here raises: a
     manifest that fails the schema (or a file it lists that is missing or
     truncated) makes that checkpoint invalid, with its reason, and the
@@ -600,45 +600,6 @@ def list_store(sizes, read_manifest, location):
         listed.append(Listed(name, manifest,
                              tuple(size_problems(manifest, sizes))))
     return listed
-
-
-def directory_sizes(directory):
-    """`{filename: size}` of the regular files in `directory` ({} if none)."""
-    sizes = {}
-    try:
-        entries = list(os.scandir(directory))
-    except (FileNotFoundError, NotADirectoryError):
-        return sizes
-    for entry in entries:
-        try:
-            if entry.is_file():
-                sizes[entry.name] = entry.stat().st_size
-        except OSError:
-            continue  # vanished or unreadable: not part of a checkpoint
-    return sizes
-
-
-def read_local_manifest(directory, filename):
-    """Bytes of a local manifest file, for `list_store`."""
-    path = confined(directory, filename)
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise CorruptCheckpointError(
-            f"Cannot read manifest {path}: {e.strerror or e}."
-        ) from None
-
-
-def list_directory(directory):
-    """`list_store()` of a local directory."""
-    return list_store(
-        directory_sizes(directory),
-        lambda filename: read_local_manifest(directory, filename),
-        directory,
-    )
 
 
 # --- the `checkpoint` pointer file (tf.train.CheckpointManager's format) ---

@@ -1,44 +1,13 @@
-"""`restore()` and `list_checkpoints()`: checkpoints outside `fit()`."""
+"""`restore()`: a checkpoint into a model outside `fit()`."""
 
-import os
 import tempfile
 
 from keras_ckpt import _keras_compat as compat
 from keras_ckpt import manager as manager_lib
+from keras_ckpt import manifest as manifest_lib
 from keras_ckpt import sources
 from keras_ckpt import state as state_lib
-from keras_ckpt.errors import CorruptCheckpointError
 from keras_ckpt.errors import IncompatibleCheckpointError
-
-
-def list_checkpoints(source):
-    """Lists the checkpoints in a local directory or a mirror URL.
-
-    Args:
-        source: str or path-like, a local checkpoint directory or a URL
-            (`s3://bucket/prefix`, `gs://...`, `az://container/prefix`,
-            `file:///path`).
-
-    Returns:
-        A list of `CheckpointInfo`, oldest first, for local directories and
-        URLs alike. Checkpoints that cannot be restored are listed too, with
-        `complete=False` and the reason in `problems`: a file missing or
-        truncated (an interrupted save or upload), or an invalid manifest
-        (see the manifest schema in the docs). Listing never raises because
-        of one bad checkpoint.
-
-    Example:
-
-    >>> for info in keras_ckpt.list_checkpoints("checkpoints"):
-    ...     print(info.step, info.epoch, info.batch, info.metrics)
-    """
-    if sources.is_remote(source):
-        from keras_ckpt.uploaders import get_uploader
-
-        return get_uploader(str(source)).list_checkpoints()
-    path = str(source).removeprefix("file://") if isinstance(source, str) else source
-    store, _ = sources.local_source(path)
-    return store.list_checkpoints()
 
 
 def restore(model, source, checkpoint="latest", optimizer=True, monitor=None,
@@ -89,39 +58,19 @@ def restore(model, source, checkpoint="latest", optimizer=True, monitor=None,
     retention = manager_lib.RetentionPolicy(
         monitor=monitor, mode=manager_lib.resolve_mode(monitor, mode)
     )
-    if sources.is_remote(source):
-        from keras_ckpt.uploaders import get_uploader
-
-        base, name = sources.split_checkpoint_url(str(source))
-        with tempfile.TemporaryDirectory(prefix="keras_ckpt-restore-") as tmp:
-            manifest, store = sources.fetch_remote(
-                get_uploader(base), name or checkpoint, tmp, retention
-            )
-            _assign(model, manifest, store, optimizer)
-            return manifest_info(manifest, f"{base}/{manifest.name}")
-    path = str(source).removeprefix("file://") if isinstance(source, str) else source
-    store, name = sources.local_source(path)
-    damaged = {}
-    manifest = sources.pick_verified(
-        store, store.manifests(), name or checkpoint, retention,
-        store.directory, damaged,
-    )
-    if manifest is None:
-        raise CorruptCheckpointError(
-            f"Every checkpoint in {store.directory} is damaged, nothing to "
-            "restore: " + "; ".join(f"{n}: {r}" for n, r in damaged.items())
-        )
-    _assign(model, manifest, store, optimizer)
-    return sources.info(manifest, store)
+    with tempfile.TemporaryDirectory(prefix="keras_ckpt-restore-") as tmp:
+        found = sources.open_checkpoint(source, checkpoint, retention,
+                                        download_dir=tmp)
+        assign(model, found.manifest, found.store, optimizer)
+    if sources.is_remote(found.origin):  # its download is gone
+        return manifest_lib.CheckpointInfo.from_manifest(
+            found.manifest, url=found.origin)
+    return sources.info(found.manifest, found.store)
 
 
-def manifest_info(manifest, url):
-    from keras_ckpt.manifest import CheckpointInfo
-
-    return CheckpointInfo.from_manifest(manifest, url=url)
-
-
-def _assign(model, manifest, store, optimizer):
+def assign(model, manifest, store, optimizer):
+    """Assigns a verified checkpoint's weights (and optimizer state) to
+    `model`; nothing is assigned unless every variable matches."""
     if not model.built:
         raise ValueError(
             f"Build the model before restoring {store.prefix(manifest.name)}: "

@@ -40,7 +40,6 @@ start of `fit`.
 import json
 import os
 import shutil
-import typing
 import warnings
 
 from keras_ckpt import _keras_compat as compat
@@ -53,13 +52,7 @@ from keras_ckpt.errors import CheckpointNotFoundError
 from keras_ckpt.errors import CorruptCheckpointError
 
 
-class Found(typing.NamedTuple):
-    """The checkpoint a run resumes from: its manifest, the store holding
-    its files, and where it came from (a directory prefix or a URL)."""
-
-    manifest: object
-    store: object
-    origin: str
+Found = sources.Found
 
 
 # ---------------------------------------------------------------------------
@@ -149,27 +142,9 @@ def _better(candidate, current, which, retention):
 
 def _branch_point(resume, store, retention, download_dir):
     """The checkpoint a path or URL names, to branch from."""
-    if sources.is_remote(resume):
-        from keras_ckpt.uploaders import get_uploader
-
-        base, name = sources.split_checkpoint_url(resume)
-        cache = download_dir or os.path.join(store.directory, ".branch-cache")
-        manifest, branch_store = sources.fetch_remote(
-            get_uploader(base), name or "latest", cache)
-        return Found(manifest, branch_store, f"{base}/{manifest.name}")
-    path = resume.removeprefix("file://") if isinstance(resume, str) else resume
-    branch_store, name = sources.local_source(path)
-    damaged = {}
-    manifest = sources.pick_verified(branch_store, branch_store.manifests(),
-                                     name or "latest", retention,
-                                     branch_store.directory, damaged)
-    if manifest is None:
-        raise CorruptCheckpointError(
-            f"Every checkpoint in {branch_store.directory} is damaged, "
-            "nothing to branch from: "
-            + "; ".join(f"{n}: {r}" for n, r in damaged.items())
-        )
-    return Found(manifest, branch_store, branch_store.prefix(manifest.name))
+    cache = download_dir or os.path.join(store.directory, ".branch-cache")
+    return sources.open_checkpoint(resume, "latest", retention,
+                                   download_dir=cache)
 
 
 # ---------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """Where checkpoints live: the local directory, a mirror URL, a branch path.
 
-Resolves `Checkpoint(directory=..., mirror=...)` against the platform presets,
-and picks and fetches checkpoints by name, step, "latest" or "best", verified,
-for `restore()`, `load_model()`, the CLI and `resume.py` (which chooses the
-checkpoint a `fit` resumes from).
+Resolves `Checkpoint(directory=..., mirror=...)` against the platform presets;
+parses every source a user names (`parse_source`, the one URL parser); and
+picks, fetches and verifies a checkpoint by name, step, "latest" or "best"
+(`open_checkpoint`, the one read path of `restore()`, `load_model()`,
+`keras-ckpt export` and a branching `resume=`; `resume.py` builds the
+resume's choice from the same pieces). No TensorFlow is imported here, so
+`list_checkpoints()` answers without it.
 """
 
 import dataclasses
@@ -12,6 +15,8 @@ import logging
 import os
 import platform as python_platform
 import tempfile
+import typing
+import urllib.parse
 
 from keras_ckpt import manifest as manifest_lib
 from keras_ckpt.errors import (
@@ -48,7 +53,7 @@ def resolve_paths(directory, mirror):
         # A plain local path: the file:// mirror of that directory.
         mirror = "file://" + os.path.abspath(os.fspath(mirror))
     if mirror is not None:
-        from keras_ckpt.uploaders import get_uploader
+        from keras_ckpt.store import get_uploader
 
         try:
             uploader = get_uploader(mirror)
@@ -120,19 +125,53 @@ def metadata(model):
 
 
 def info(manifest, store, origin=None):
-    url = origin if origin and "://" in str(origin) else None
+    url = origin if is_url(origin) else None
     return manifest_lib.CheckpointInfo.from_manifest(
         manifest, path=store.prefix(manifest.name), url=url
     )
 
 
-def _is_url(value):
-    return isinstance(value, str) and "://" in value
+class Found(typing.NamedTuple):
+    """A chosen, verified checkpoint: its manifest, the local directory
+    (`LocalCheckpoints`) holding its files, and where it came from (a local
+    prefix or a URL)."""
+
+    manifest: object
+    store: object
+    origin: str
+
+
+# ---------------------------------------------------------------------------
+# The one parser of what a user names as a source.
+
+
+def is_url(value):
+    """Whether `value` is a URL (`scheme://...`, a scheme of two or more
+    letters or digits, so `C:\\dir` is a path)."""
+    if not isinstance(value, str):
+        return False
+    scheme, sep, _ = value.partition("://")
+    return bool(sep) and len(scheme) > 1 and scheme.isascii() and (
+        scheme.isalnum())
 
 
 def is_remote(source):
     """Whether `source` is a URL other than `file://` (a local path)."""
-    return _is_url(source) and not source.startswith("file://")
+    return is_url(source) and not source.lower().startswith("file://")
+
+
+def local_path(source):
+    """The local path `source` names: a path as is, a `file://` URL's path
+    (percent-decoded, `file://localhost/...` included)."""
+    if is_url(source):
+        parts = urllib.parse.urlsplit(source)
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(
+                f"Invalid value for argument `source`. Received: "
+                f"source={source!r}. Expected a local path or "
+                '"file:///absolute/path".')
+        return urllib.parse.unquote(parts.path)
+    return os.fspath(source)
 
 
 def split_checkpoint_url(url):
@@ -143,20 +182,73 @@ def split_checkpoint_url(url):
     return url.rstrip("/"), None
 
 
+def parse_source(source):
+    """`(location, name)` of a source a user names.
+
+    `location` is a remote URL (`s3://b/p`) or an absolute local directory
+    (a `file://` URL's path); `name` is the checkpoint the source names
+    (`.../ckpt-120`, `.../ckpt-120.json`, `.../ckpt-120.index`), or None
+    for a whole directory or prefix.
+    """
+    if is_remote(source):
+        return split_checkpoint_url(source)
+    path = os.path.abspath(local_path(source))
+    if os.path.isdir(path):
+        return path, None
+    base = os.path.basename(path).removesuffix(".json").removesuffix(".index")
+    if manifest_lib.step_of(base) is not None:
+        return os.path.dirname(path), base
+    return path, None
+
+
 def local_source(path):
     """(LocalCheckpoints, name or None) for a directory or `.../ckpt-N` path."""
     from keras_ckpt.manager import LocalCheckpoints
 
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(path):
-        return LocalCheckpoints(path), None
-    base = os.path.basename(path).removesuffix(".json").removesuffix(".index")
-    if manifest_lib.step_of(base) is not None:
-        return LocalCheckpoints(os.path.dirname(path)), base
-    raise CheckpointNotFoundError(
-        f"{path} is neither a checkpoint directory nor a checkpoint "
-        "(expected a directory or a path like .../ckpt-120)."
-    )
+    directory, name = parse_source(path)
+    if name is None and not os.path.isdir(directory):
+        raise CheckpointNotFoundError(
+            f"{directory} is neither a checkpoint directory nor a checkpoint "
+            "(expected a directory or a path like .../ckpt-120)."
+        )
+    return LocalCheckpoints(directory), name
+
+
+def open_store(location):
+    """The `Store` of a location from `parse_source`."""
+    from keras_ckpt.store import get_uploader
+    from keras_ckpt.store.local import LocalStore
+
+    if is_remote(location):
+        return get_uploader(location)
+    return LocalStore.of_directory(location)
+
+
+def list_checkpoints(source):
+    """Lists the checkpoints in a local directory or a mirror URL.
+
+    Args:
+        source: str or path-like, a local checkpoint directory or a URL
+            (`s3://bucket/prefix`, `gs://...`, `az://container/prefix`,
+            `file:///path`).
+
+    Returns:
+        A list of `CheckpointInfo`, oldest first, for local directories and
+        URLs alike. Checkpoints that cannot be restored are listed too, with
+        `complete=False` and the reason in `problems`: a file missing or
+        truncated (an interrupted save or upload), or an invalid manifest
+        (see the manifest schema in the docs). Listing never raises because
+        of one bad checkpoint, and imports no TensorFlow.
+
+    Example:
+
+    >>> for info in keras_ckpt.list_checkpoints("checkpoints"):
+    ...     print(info.step, info.epoch, info.batch, info.metrics)
+    """
+    if is_remote(source):
+        return open_store(str(source)).list_checkpoints()
+    store, _ = local_source(source)
+    return store.list_checkpoints()
 
 
 def pick(manifests, which, retention=None, source=""):
@@ -261,15 +353,17 @@ def pick_verified(store, manifests, which, retention=None, source="",
     """`pick()` among local checkpoints whose files pass their checksums.
 
     For "latest" and "best" a checkpoint that fails is skipped with one
-    warning (`warn_corrupt`) and the next one is chosen; None when none is
-    left. A checkpoint named by step or name that fails raises. The dict
-    `damaged`, if given, receives `{name: reason}` of those skipped.
+    warning (`warn_corrupt`) and the next one is chosen; None when every
+    one failed. A checkpoint named by step or name that fails raises. The
+    dict `damaged`, if given, receives `{name: reason}` of those skipped.
 
     Raises:
+        CheckpointNotFoundError: no complete checkpoint at all (`pick()`).
         CorruptCheckpointError: the checkpoint named by step/name is damaged.
     """
     manifests = list(manifests)
-    while manifests:
+    skipped = False
+    while manifests or not skipped:
         chosen = pick(manifests, which, retention, source)
         problems = manifest_lib.local_problems(
             store.directory, chosen, checksums=True)
@@ -284,6 +378,58 @@ def pick_verified(store, manifests, which, retention=None, source="",
             )
         warn_corrupt(store.prefix(chosen.name), reason)
         manifests.remove(chosen)
+        skipped = True
         if damaged is not None:
             damaged[chosen.name] = reason
     return None
+
+
+def open_checkpoint(source, which="latest", retention=None,
+                    download_dir=None):
+    """The one read path: the checkpoint `source` names, verified.
+
+    `restore()`, `load_model()`, `keras-ckpt export` and a branching
+    `resume=` all read through here, so each one chooses, verifies and
+    falls back the same way: a checkpoint's files must pass their sizes and
+    CRC32C checksums (downloaded ones as they are fetched); for "latest" and
+    "best" a damaged one is skipped with one warning naming it, and the
+    previous (next best) valid one is used.
+
+    Args:
+        source: a checkpoint directory or checkpoint path, or a URL of
+            either (`s3://`, `gs://`, `az://`, `file://`).
+        which: `"latest"`, `"best"`, a step or a name; ignored when
+            `source` names a checkpoint.
+        retention: `RetentionPolicy` or None, ranks `"best"`.
+        download_dir: str, where a remote checkpoint is downloaded (created
+            if needed); required for a remote `source`.
+
+    Returns:
+        A `Found`: the manifest, the local directory holding the files, and
+        the checkpoint's origin (local prefix or URL).
+
+    Raises:
+        CheckpointNotFoundError: no such (complete) checkpoint, or nothing
+            at `source`.
+        CorruptCheckpointError: the checkpoint named by step or name is
+            damaged, or every candidate for "latest"/"best" is.
+    """
+    location, name = parse_source(source)
+    which = name or which
+    if is_remote(location):
+        uploader = open_store(location)
+        manifest, store = fetch_remote(uploader, which, download_dir,
+                                       retention)
+        return Found(manifest, store, f"{uploader.url}/{manifest.name}")
+    store, _ = local_source(location if name is None else
+                            os.path.join(location, name))
+    damaged = {}
+    manifest = pick_verified(store, store.manifests(), which, retention,
+                             store.directory, damaged)
+    if manifest is None:
+        raise CorruptCheckpointError(
+            f"Every checkpoint in {store.directory} is damaged, nothing to "
+            "read: " + "; ".join(f"{n}: {r}" for n, r in damaged.items())
+            + ". `keras-ckpt verify` lists them."
+        )
+    return Found(manifest, store, store.prefix(manifest.name))

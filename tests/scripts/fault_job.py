@@ -49,9 +49,9 @@ def main():
     directory = os.path.abspath(theirs[theirs.index("--dir") + 1])
     assert kill is None or kill in KILL_STEPS, kill
 
-    import keras_ckpt.uploaders as uploaders
+    import keras_ckpt.store as uploaders
     from keras_ckpt import commit, manager
-    from keras_ckpt.uploaders import base
+    from keras_ckpt.store import base
 
     if mirror_options:
         uploaders.get_uploader = functools.partial(

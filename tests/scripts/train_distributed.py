@@ -160,9 +160,9 @@ def main():
 
 def _spying_uploader(url, log_path, worker):
     """The file:// uploader, logging which worker writes what to the mirror."""
-    from keras_ckpt.uploaders.local import LocalUploader
+    from keras_ckpt.store.local import LocalStore
 
-    class SpyingUploader(LocalUploader):
+    class SpyingUploader(LocalStore):
         def _log(self, what, name):
             with open(log_path, "a") as f:
                 f.write(f"{worker} {what} {name}\n")

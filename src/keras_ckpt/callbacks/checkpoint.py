@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 
 import keras
 
@@ -33,6 +34,15 @@ _PREEMPTION = ("exit", "stop", None)
 _STATEFUL_CALLBACKS = ("EarlyStopping", "ReduceLROnPlateau",
                        "LearningRateScheduler", "ModelCheckpoint")
 PREEMPTED_EXIT_CODE = 143
+# model -> the `Checkpoint` in its current fit(), for `ExportSavedModel`
+# (a registry, so that nothing is set on the user's model).
+_ATTACHED = weakref.WeakKeyDictionary()
+
+
+def attached_to(model):
+    """The `Checkpoint` callback of `model`'s current (or last) `fit()`, or
+    None."""
+    return _ATTACHED.get(model)
 
 
 class Checkpoint(compat.Callback):
@@ -313,7 +323,7 @@ class Checkpoint(compat.Callback):
     # ------------------------------------------------------------------
     def set_model(self, model):
         super().set_model(model)
-        model._keras_ckpt_checkpoint = self  # found by ExportSavedModel
+        _ATTACHED[model] = self  # found by ExportSavedModel
         # Callbacks in `state=` reset themselves in their own
         # `on_train_begin`; re-apply the restored state right after it, and
         # mute their batch hooks while the interrupted epoch's already-trained

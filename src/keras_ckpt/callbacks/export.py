@@ -1,9 +1,12 @@
 """`keras_ckpt.ExportSavedModel`: a servable model at the end of a completed fit."""
 
+import os
+
 from keras_ckpt import _args
 from keras_ckpt import _keras_compat as compat
 from keras_ckpt import export as export_lib
 from keras_ckpt import state as state_lib
+from keras_ckpt.manifest import CheckpointInfo
 
 SOURCES = ("latest", "best", "model")
 LAYOUTS = ("auto",) + export_lib.LAYOUTS
@@ -60,7 +63,7 @@ class ExportSavedModel(compat.Callback):
 
         self.platform = detect_platform()
         self.layout = self.platform.export_layout if layout == "auto" else layout
-        export_lib._validate_version(version, self.layout)
+        export_lib.validate_version(version, self.layout)
         self.export_dir = export_dir if export_dir is not None else (
             self.platform.model_dir
         )
@@ -109,9 +112,9 @@ class ExportSavedModel(compat.Callback):
             self.exported_to = self._export(self.model)
             final = getattr(checkpoint, "last_saved", None)
             if self.source == "latest" and final is not None:
-                from keras_ckpt import sources
-
-                self.exported = sources.info(final, checkpoint._store)
+                self.exported = CheckpointInfo.from_manifest(
+                    final, path=os.path.join(checkpoint.directory,
+                                             final.name))
                 what = _describe(self.exported, checkpoint.monitor)
             else:
                 what = "the in-memory model"
@@ -129,13 +132,14 @@ class ExportSavedModel(compat.Callback):
     def _export_best(self, checkpoint):
         from keras_ckpt import sources
 
-        store = checkpoint._store
-        manifest = sources.pick(store.manifests(), "best",
-                                checkpoint.retention, store.directory)
-        self.exported = sources.info(manifest, store)
+        # The read path of restore() and load_model(): verified, and a
+        # damaged best checkpoint falls back to the next best.
+        found = sources.open_checkpoint(checkpoint.directory, "best",
+                                        checkpoint.retention)
+        self.exported = sources.info(found.manifest, found.store)
         training_state = state_lib.TrainingState(self.model)
         current = [v.numpy() for v in self.model.variables]
-        arrays = store.read_arrays(manifest, verify=True)
+        arrays = found.store.read_arrays(found.manifest)
         try:
             training_state.assign(arrays, ["model"])
             return self._export(self.model)
@@ -152,4 +156,6 @@ def _describe(info, monitor):
 
 
 def _find_checkpoint_callback(model):
-    return getattr(model, "_keras_ckpt_checkpoint", None)
+    from keras_ckpt.callbacks import checkpoint as checkpoint_lib
+
+    return checkpoint_lib.attached_to(model)

@@ -8,8 +8,8 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from keras_ckpt.uploaders import base
-from keras_ckpt.uploaders import upload_options as upload_options_lib
+from keras_ckpt.store import base
+from keras_ckpt.store import options as upload_options_lib
 
 _TRANSIENT_CODES = {
     "InternalError", "ServiceUnavailable", "SlowDown", "Throttling",
@@ -32,7 +32,7 @@ _REFUSABLE_OPERATIONS = _WRITE_OPERATIONS | {
 }
 
 
-class S3Uploader(base.Uploader):
+class S3Store(base.Store):
     """Mirrors checkpoints to Amazon S3 or an S3-compatible store.
 
     Credentials, region and endpoint come from boto3's standard chain:

@@ -10,8 +10,8 @@ from azure.storage.blob import StandardBlobTier
 
 from keras_ckpt.errors import MissingDependencyError
 from keras_ckpt.errors import StorageError
-from keras_ckpt.uploaders import base
-from keras_ckpt.uploaders import upload_options as upload_options_lib
+from keras_ckpt.store import base
+from keras_ckpt.store import options as upload_options_lib
 
 CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 ACCOUNT_URL_ENV = "AZURE_STORAGE_ACCOUNT_URL"
@@ -19,7 +19,7 @@ ACCOUNT_URL_ENV = "AZURE_STORAGE_ACCOUNT_URL"
 _ARCHIVED = "archived"
 
 
-class AzureUploader(base.Uploader):
+class AzureStore(base.Store):
     """Mirrors checkpoints to Azure Blob Storage (`az://container/prefix`).
 
     The storage account comes from the environment, read when the uploader

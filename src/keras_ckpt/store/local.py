@@ -1,14 +1,16 @@
-"""`file://` mirror: a directory, e.g. on an NFS or other shared mount."""
+"""`LocalStore`: a directory, the local checkpoint directory or a `file://` mirror."""
 
 import contextlib
 import errno
 import hashlib
 import os
+import stat
 import time
 import urllib.parse
 
+from keras_ckpt import _args
 from keras_ckpt import manifest as manifest_lib
-from keras_ckpt.uploaders import base
+from keras_ckpt.store import base
 
 _COPY_CHUNK = 8 * 1024 * 1024
 
@@ -17,14 +19,20 @@ class _MissingDirectory(OSError):
     """The directory that holds the mirror directory does not exist."""
 
 
-class LocalUploader(base.Uploader):
-    """Mirrors checkpoints to a local or mounted directory (`file:///path`).
+class LocalStore(base.Store):
+    """A local or mounted directory (`file:///path`) as a store.
 
-    Every write is atomic and durable (temporary file, fsync, rename), so a
-    crash never leaves a half-written file under its final name. The
-    mirror directory itself is created on first use, but its parent must
-    exist (the parent plays the role of a bucket: a typo in a mount path
-    fails instead of silently writing to the local disk).
+    The local checkpoint directory is one (`LocalStore.of_directory()`),
+    and so is a `file://` mirror, e.g. on an NFS or other shared mount:
+    both are listed, committed, retained and leased by the same code as a
+    bucket. Every write is atomic and durable (temporary file, fsync,
+    rename), so a crash never leaves a half-written file under its final
+    name; the conditional writes use `link()` (create if absent) and an
+    `O_EXCL` lock file (compare and swap). Only regular files are listed
+    and read, so a FIFO or device node put in the directory cannot hang or
+    flood a reader. The directory itself is created on first use, but its
+    parent must exist (the parent plays the role of a bucket: a typo in a
+    mount path fails instead of silently writing to the local disk).
 
     Args:
         url: str, `"file:///absolute/path"`.
@@ -40,6 +48,27 @@ class LocalUploader(base.Uploader):
     """
 
     bucket_word = "directory"
+    cache_manifests = False
+
+    @classmethod
+    def of_directory(cls, directory, **options):
+        """The store of a local directory path (absolute or relative)."""
+        path = os.path.abspath(os.fspath(directory))
+        return cls("file://" + urllib.parse.quote(path), **options)
+
+    @property
+    def directory(self):
+        """The absolute path of the directory."""
+        return self.path
+
+    def local_path(self, name):
+        """The path of object `name` (checked to stay in the directory)."""
+        return self._path(self._checked(name))
+
+    def checksum_problems(self, manifest):
+        """`Store.checksum_problems()`, reading the files in place."""
+        return manifest_lib.local_problems(self.path, manifest,
+                                           checksums=True)
 
     def _parse_url(self, url):
         parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
@@ -52,7 +81,7 @@ class LocalUploader(base.Uploader):
             or parts.fragment
             or os.path.normpath(parts.path) == "/"
         ):
-            base._invalid(
+            _args.invalid(
                 "url", url, 'an absolute file URL such as "file:///data/run-1"'
             )
         self.path = os.path.normpath(urllib.parse.unquote(parts.path))
@@ -108,16 +137,22 @@ class LocalUploader(base.Uploader):
             self._require_parent()
             return {}
         listing = {}
-        for root, _, files in os.walk(self.path):
-            rel = os.path.relpath(root, self.path)
-            for filename in files:
-                name = filename if rel == "." else f"{rel}/{filename}"
+        pending = [(self.path, "")]
+        while pending:
+            directory, rel = pending.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # removed while listing
+            for entry in entries:
+                name = f"{rel}{entry.name}"
                 try:
-                    listing[name.replace(os.sep, "/")] = os.path.getsize(
-                        os.path.join(root, filename)
-                    )
-                except FileNotFoundError:  # removed while listing
-                    pass
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append((entry.path, name + "/"))
+                    elif entry.is_file():
+                        listing[name] = entry.stat().st_size
+                except OSError:
+                    continue  # vanished or unreadable: not a checkpoint's
         return listing
 
     def _delete(self, name):
@@ -125,11 +160,15 @@ class LocalUploader(base.Uploader):
 
     def _read_bytes(self, name):
         try:
-            with open(self._path(name), "rb") as f:
-                return f.read()
+            # O_NONBLOCK: opening a FIFO must not wait for a writer.
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             self._require_parent()
             return None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None  # not a regular file: no object of ours
+            return f.read()
 
     def _write_bytes(self, name, data, if_absent=False):
         dest = self._path(name)
@@ -172,6 +211,11 @@ class LocalUploader(base.Uploader):
             manifest_lib.atomic_write(dest, data)
         manifest_lib.fsync_dir(os.path.dirname(dest))
         return True
+
+    def _archive_file(self, name, storage_class):
+        # A directory has one storage class: nothing to move. (No upload
+        # options, so `archive()` never asks.)
+        return None
 
     def _probe(self):
         self._require_parent()

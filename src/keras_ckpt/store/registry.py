@@ -1,4 +1,4 @@
-"""URL scheme -> `Uploader` class, imported on first use.
+"""URL scheme -> `Store` class, imported on first use.
 
 Built-in schemes map to dotted paths, so importing keras_ckpt never imports a
 cloud SDK; the module (and its SDK) is imported the first time its scheme is
@@ -11,16 +11,16 @@ import threading
 import urllib.parse
 
 from keras_ckpt.errors import MissingDependencyError
-from keras_ckpt.uploaders import upload_options as upload_options_lib
-from keras_ckpt.uploaders.base import Uploader
-from keras_ckpt.uploaders.base import UploaderOptions
+from keras_ckpt.store import options as upload_options_lib
+from keras_ckpt.store.base import Store
+from keras_ckpt.store.base import UploaderOptions
 
-# scheme -> "module:Class" or an Uploader subclass.
+# scheme -> "module:Class" or a Store subclass.
 _REGISTRY = {
-    "file": "keras_ckpt.uploaders.local:LocalUploader",
-    "s3": "keras_ckpt.uploaders.s3:S3Uploader",
-    "gs": "keras_ckpt.uploaders.gcs:GCSUploader",
-    "az": "keras_ckpt.uploaders.azure:AzureUploader",
+    "file": "keras_ckpt.store.local:LocalStore",
+    "s3": "keras_ckpt.store.s3:S3Store",
+    "gs": "keras_ckpt.store.gcs:GCSStore",
+    "az": "keras_ckpt.store.azure:AzureStore",
 }
 # scheme -> (top-level modules of its SDK, the keras-ckpt extra installing it)
 _EXTRAS = {
@@ -36,7 +36,7 @@ def register_uploader(scheme, uploader, clobber=False):
 
     Args:
         scheme: str, the URL scheme, e.g. `"minio"` (without `://`).
-        uploader: an `Uploader` subclass, or its dotted path
+        uploader: a `Store` subclass, or its dotted path
             `"package.module:Class"`, imported on first use.
         clobber: bool, replace an existing registration of `scheme`.
             Defaults to `False`.
@@ -47,10 +47,10 @@ def register_uploader(scheme, uploader, clobber=False):
     Example:
 
     ```python
-    class MyStoreUploader(keras_ckpt.uploaders.Uploader):
+    class MyStore(keras_ckpt.store.Store):
         ...  # implement _upload_file, _download_file, _list, ...
 
-    keras_ckpt.register_uploader("mystore", MyStoreUploader)
+    keras_ckpt.register_uploader("mystore", MyStore)
     keras_ckpt.Checkpoint(mirror="mystore://bucket/run-1")
     ```
     """
@@ -66,14 +66,14 @@ def register_uploader(scheme, uploader, clobber=False):
         if ":" not in uploader:
             raise ValueError(
                 "Invalid value for argument `uploader`. Received: "
-                f"uploader={uploader!r}. Expected an Uploader subclass or a "
+                f"uploader={uploader!r}. Expected a Store subclass or a "
                 'dotted path "package.module:Class".'
             )
-    elif not (isinstance(uploader, type) and issubclass(uploader, Uploader)):
+    elif not (isinstance(uploader, type) and issubclass(uploader, Store)):
         raise ValueError(
             "Invalid value for argument `uploader`. Received: "
             f"uploader={uploader!r}. Expected a subclass of "
-            "keras_ckpt.uploaders.Uploader or a dotted path "
+            "keras_ckpt.store.Store or a dotted path "
             '"package.module:Class".'
         )
     with _LOCK:
@@ -87,12 +87,12 @@ def register_uploader(scheme, uploader, clobber=False):
 
 
 def get_uploader(url, **options):
-    """Returns the `Uploader` for a mirror URL.
+    """Returns the `Store` for a mirror URL.
 
     Args:
         url: str, e.g. `"s3://bucket/prefix"`, `"gs://bucket/prefix"`,
-            `"az://container/prefix"` or `"file:///absolute/path"`; or an
-            `Uploader`, returned as is.
+            `"az://container/prefix"` or `"file:///absolute/path"`; or a
+            `Store`, returned as is.
         **options: `UploaderOptions` fields (`retries`, `timeout`, ...), or
             `options=UploaderOptions(...)`; and the store's upload options
             (`S3UploadOptions`, `GCSUploadOptions`, `AzureUploadOptions`:
@@ -103,10 +103,10 @@ def get_uploader(url, **options):
             CLI's `--upload-option KEY=VALUE` flags.
 
     Returns:
-        An `Uploader` instance.
+        A `Store` instance.
 
     Raises:
-        ValueError: the URL has an unknown scheme or is malformed, or an
+        ValueError: the URL has an unknown scheme or is malformed, or a
             option is unknown to the store or has an invalid value.
         MissingDependencyError: the scheme's SDK is not installed; the
             message says which `pip install 'keras-ckpt[...]'` to run.
@@ -119,7 +119,7 @@ def get_uploader(url, **options):
     uploader.check()
     ```
     """
-    if isinstance(url, Uploader):
+    if isinstance(url, Store):
         if options:
             raise ValueError(
                 f"Options {sorted(options)} cannot be applied to an existing "
@@ -129,7 +129,7 @@ def get_uploader(url, **options):
     if not isinstance(url, str):
         raise ValueError(
             f"Invalid value for argument `url`. Received: url={url!r}. "
-            'Expected a URL such as "s3://bucket/prefix" or an Uploader.'
+            'Expected a URL such as "s3://bucket/prefix" or a Store.'
         )
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     cls = _uploader_class(scheme, url)
@@ -176,10 +176,10 @@ def _uploader_class(scheme, url):
             raise
         raise missing from e
     cls = getattr(module, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Uploader)):
+    if not (isinstance(cls, type) and issubclass(cls, Store)):
         raise ValueError(
             f"The uploader registered for scheme `{scheme}` ({entry}) is not "
-            "a keras_ckpt.uploaders.Uploader subclass."
+            "a keras_ckpt.store.Store subclass."
         )
     return cls
 

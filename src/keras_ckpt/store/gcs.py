@@ -10,15 +10,15 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from keras_ckpt.uploaders import base
-from keras_ckpt.uploaders import upload_options as upload_options_lib
+from keras_ckpt.store import base
+from keras_ckpt.store import options as upload_options_lib
 
 # Words in a refusal that point at an encryption key or a policy rather
 # than at plain IAM.
 _POLICY_WORDS = ("kms", "cmek", "encryption", "constraints/")
 
 
-class GCSUploader(base.Uploader):
+class GCSStore(base.Store):
     """Mirrors checkpoints to Google Cloud Storage.
 
     Credentials come from Application Default Credentials: a service account

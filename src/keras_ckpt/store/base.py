@@ -1,10 +1,12 @@
-"""`Uploader`: mirrors committed checkpoints to a bucket, container or directory.
+"""`Store`: where checkpoints live, a directory, bucket or container.
 
-One subclass per store implements a handful of small primitives
-(`_upload_file`, `_download_file`, `_list`, `_delete`, `_read_bytes`,
-`_write_bytes`, `_probe`, `_error_kind`); everything that decides *what* is
-transferred and *in which order* lives here, once, and is tested once for
-every store:
+The local checkpoint directory and every mirror (`file://`, `s3://`, `gs://`,
+`az://`) are stores. One subclass per kind implements the abstract
+primitives (`_upload_file`, `_download_file`, `_list`, `_delete`,
+`_read_bytes`, `_write_bytes`, `_read_versioned`, `_write_if`,
+`_archive_file`, `_probe`, plus `_error_kind` to tell transient failures
+apart); everything that decides *what* is transferred and *in which order*
+lives here, once, and is tested once for every store (tests/test_stores.py):
 
 - upload: data -> index -> (remote sizes verified) -> manifest; never the
   pointer.
@@ -17,10 +19,12 @@ every store:
   jitter; anything else becomes a `StorageError` that names the URL.
 """
 
+import abc
 import dataclasses
 import logging
 import os
 import random
+import tempfile
 import time
 import urllib.parse
 import uuid
@@ -31,9 +35,9 @@ from keras_ckpt.errors import CheckpointNotFoundError
 from keras_ckpt.errors import CorruptCheckpointError
 from keras_ckpt.errors import KerasCkptError
 from keras_ckpt.errors import StorageError
-from keras_ckpt.uploaders import upload_options as upload_options_lib
+from keras_ckpt.store import options as upload_options_lib
 
-logger = logging.getLogger("keras_ckpt.uploaders")
+logger = logging.getLogger("keras_ckpt.store")
 
 _KiB = 1024
 _MiB = 1024 * 1024
@@ -85,7 +89,7 @@ class UploaderOptions:
     Example:
 
     ```python
-    options = keras_ckpt.uploaders.UploaderOptions(retries=8, timeout=30)
+    options = keras_ckpt.store.UploaderOptions(retries=8, timeout=30)
     uploader = keras_ckpt.get_uploader("s3://my-bucket/run-1", options=options)
     ```
     """
@@ -134,11 +138,12 @@ _is_number = _args.is_number
 _invalid = _args.invalid
 
 
-class Uploader:
-    """Mirrors committed checkpoints to remote storage, safely.
+class Store(abc.ABC):
+    """A place that holds checkpoints, written with the commit protocol.
 
-    Construct one through `keras_ckpt.get_uploader(url)`, which picks the
-    subclass for the URL's scheme: `s3://bucket/prefix`, `gs://bucket/prefix`,
+    The local checkpoint directory is a `LocalStore`; a mirror is built by
+    `keras_ckpt.get_uploader(url)`, which picks the subclass for the URL's
+    scheme: `s3://bucket/prefix`, `gs://bucket/prefix`,
     `az://container/prefix` or `file:///absolute/path`. The remote layout is
     the local one (`ckpt-<N>.data-*`, `ckpt-<N>.index`, `ckpt-<N>.json`,
     `checkpoint`), and remote writes follow the same commit protocol: data,
@@ -146,10 +151,11 @@ class Uploader:
     upload was interrupted is never named by the pointer and never reported
     as complete.
 
-    To support another store, subclass `Uploader`, implement the primitives
-    (`_upload_file`, `_download_file`, `_list`, `_delete`, `_read_bytes`,
-    `_write_bytes`, `_probe`, and `_error_kind` to tell transient failures
-    apart), and register it with `keras_ckpt.register_uploader()`.
+    To support another store, subclass `Store`, implement the abstract
+    primitives (a subclass that lacks one cannot be instantiated: Python's
+    `TypeError` names it), override `_error_kind` to tell transient failures
+    apart, and register the class with `keras_ckpt.register_uploader()`
+    (docs/custom-uploader.md, "Writing a store").
 
     Args:
         url: str, where checkpoints go, e.g. `"s3://my-bucket/runs/1"`.
@@ -179,6 +185,9 @@ class Uploader:
     upload_options_class = None
     # Part size when `options.chunk_size` is None.
     default_chunk_size = 16 * _MiB
+    # Whether `complete_manifests()` keeps manifests' bytes across calls
+    # (a remote read is a request; a local one is not).
+    cache_manifests = True
 
     @property
     def chunk_size(self):
@@ -240,60 +249,60 @@ class Uploader:
     # Primitives: one small store-specific operation each, no retries (the
     # base class retries them), raising the SDK's own exceptions.
 
+    @abc.abstractmethod
     def _upload_file(self, local_path, name, progress=None):
         """Uploads `local_path` to `name`, replacing it. Large files should
         use the SDK's parallel/multipart transfer per `self.options`.
         `progress(n)` is called with byte increments where the SDK allows."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _download_file(self, name, local_path, progress=None):
         """Downloads `name` to `local_path` (overwriting it). Raises
         `FileNotFoundError` if `name` does not exist."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _list(self):
         """Returns `{name: size}` of every object under the prefix, names
         relative to it (with `/` for deeper levels). A missing prefix is
         empty; a missing bucket is an error."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _delete(self, name):
         """Deletes `name`; deleting a missing object is not an error."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _read_bytes(self, name):
         """Returns the content of small object `name`, or None if absent."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _write_bytes(self, name, data, if_absent=False):
         """Writes small object `name`. With `if_absent`, writes only if it
         does not exist yet (atomically where the store supports it) and
         returns False if it existed; returns True otherwise."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _read_versioned(self, name):
         """Returns `(data, version)` of small object `name`, or
         `(None, None)` if absent. `version` is what the store compares in a
         conditional write: an S3 ETag, a GCS generation, an Azure ETag, a
         digest of a local file."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _write_if(self, name, data, version):
         """Writes small object `name` only if its version is still
         `version` (None: only if `name` does not exist), in one atomic
         request. Returns False if the precondition failed."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _archive_file(self, name, storage_class):
         """Moves object `name` to `storage_class` (the store's archive
         option) in place, keeping its encryption, tags and metadata; does
         nothing if it is in that class already."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _probe(self):
         """Cheaply proves the bucket exists and the credentials can list it,
         within `self.options.check_timeout` and without SDK retries."""
-        raise NotImplementedError
 
     def _error_kind(self, exc):
         """Classifies one exception (not its cause; the base class walks
@@ -372,7 +381,7 @@ class Uploader:
                         time.monotonic() - started,
                     )
                 return result
-            except (KerasCkptError, NotImplementedError):
+            except KerasCkptError:
                 raise
             except Exception as e:
                 kind = self._classify(e)
@@ -457,6 +466,7 @@ class Uploader:
 
     def delete_file(self, name):
         """Deletes `name` under the prefix (no error if it is absent)."""
+        self._manifests.pop(name, None)
         self._retrying("delete", self._url_of(name), self._delete,
                        self._checked(name))
 
@@ -489,6 +499,7 @@ class Uploader:
         if isinstance(data, str):
             data = data.encode("utf-8")
         self._checked(name)
+        self._manifests.pop(name, None)
         failed = []
 
         def attempt():
@@ -617,6 +628,26 @@ class Uploader:
             for listed in self.listing()
         ]
 
+    def checksum_problems(self, manifest):
+        """What is wrong with the files of checkpoint `manifest` here: each
+        file is read back (downloaded one at a time to a temporary
+        directory) and its size and checksum compared with the manifest's.
+        Empty if every file is intact."""
+        problems = []
+        with tempfile.TemporaryDirectory(prefix="keras_ckpt-verify-") as tmp:
+            for filename, entry in sorted(manifest.files.items()):
+                path = manifest_lib.confined(tmp, filename)
+                try:
+                    self.download_file(filename, path)
+                except CheckpointNotFoundError:
+                    problems.append(f"{filename} is missing")
+                    continue
+                problem = _file_problem(path, entry, verify=True)
+                if problem:
+                    problems.append(f"{filename} {problem}")
+                os.remove(path)
+        return problems
+
     def latest_complete(self):
         """Returns the name of the newest complete checkpoint, or None."""
         for info in reversed(self.list_checkpoints()):
@@ -717,10 +748,9 @@ class Uploader:
                 f"{'; '.join(wrong)}. The manifest was not written, so the "
                 "checkpoint is not committed there; the next save retries."
             )
-        self._manifests.pop(name, None)
         self.write_bytes(manifest_file, manifest_bytes)
 
-    def commit(self, names, timestamps=None):
+    def commit(self, names, timestamps=None, listing=None):
         """Writes the remote `checkpoint` pointer naming `names`.
 
         The pointer is `tf.train.CheckpointManager`'s file: the last name is
@@ -734,6 +764,7 @@ class Uploader:
             names: list of str, the retained checkpoints, oldest first.
             timestamps: list of float or None, their save times, recorded as
                 `all_model_checkpoint_timestamps`.
+            listing: dict or None, `list_files()` if the caller has it.
 
         Returns:
             The names the pointer now lists.
@@ -747,7 +778,7 @@ class Uploader:
         for name in names:
             _check_name(name)
         stamps = dict(zip(names, timestamps)) if timestamps else None
-        complete = {m.name for m in self.complete_manifests()}
+        complete = {m.name for m in self.complete_manifests(listing)}
         missing = [n for n in names if n not in complete]
         names = [n for n in names if n in complete]
         if not names:
@@ -769,7 +800,7 @@ class Uploader:
         )
         return names
 
-    def complete_manifests(self):
+    def complete_manifests(self, listing=None):
         """Manifests of the checkpoints complete on the store, oldest first.
 
         `listing()` restricted to complete checkpoints, with each manifest's
@@ -777,8 +808,10 @@ class Uploader:
         changes in place: it is deleted before its checkpoint is replaced,
         and a different size means a different manifest).
         """
-        sizes = self.list_files()
-        cache = self._manifests
+        sizes = self.list_files() if listing is None else listing
+        # A local directory is read from the page cache: no cache here, so
+        # a manifest another process rewrote with the same size is seen.
+        cache = self._manifests if self.cache_manifests else {}
 
         def read(filename):
             size, cached = cache.get(filename, (None, None))
@@ -793,41 +826,69 @@ class Uploader:
             del cache[filename]
         return [entry.manifest for entry in listed if entry.complete]
 
-    def delete_checkpoint(self, name):
-        """Deletes a remote checkpoint: manifest first, then its files.
+    def delete_checkpoint(self, name, listing=None):
+        """Deletes a checkpoint: manifest first, then its files.
 
         Deleting a checkpoint that does not exist is not an error.
+
+        Args:
+            name: str, the checkpoint, e.g. `"ckpt-120"`.
+            listing: dict or None, `list_files()` if the caller has it
+                (retention deletes many checkpoints after one listing).
         """
         _check_name(name)
         manifest_file = manifest_lib.manifest_name(name)
-        listing = self.list_files()
+        if listing is None:
+            listing = self.list_files()
         if manifest_file in listing:
             self.delete_file(manifest_file)
         for filename in sorted(listing):
             if filename.startswith(f"{name}.") and filename != manifest_file:
                 self.delete_file(filename)
 
-    def retain(self, keep_names, timestamps=None):
-        """Points the mirror at `keep_names` and deletes every other
-        checkpoint there (including leftovers of interrupted uploads, and
-        kept names that are not completely uploaded).
+    def retain(self, keep_names, timestamps=None, drop_damaged=True):
+        """Points the store at `keep_names` and deletes every other
+        checkpoint there: the complete ones retention dropped, and the
+        leftovers of interrupted saves or uploads (files without a
+        manifest) older than the newest kept checkpoint. A leftover newer
+        than that is spared: it may be a save still in flight; a later save
+        of that name replaces it.
+
+        The store is listed once, whatever is deleted.
 
         Args:
             keep_names: list of str, checkpoints to keep, oldest first; the
                 last complete one becomes the latest.
             timestamps: list of float or None, see `commit()`.
+            drop_damaged: bool, also delete checkpoints whose manifest is
+                there but that are not complete (a file missing or
+                truncated, an invalid manifest), kept names included. True
+                for a mirror, which a save heals from the local directory
+                first; False for the local directory and `keras-ckpt
+                prune`, which leave a damaged checkpoint for `keras-ckpt
+                verify` to show. Defaults to True.
 
         Returns:
             The names the pointer now lists.
         """
-        pointed = self.commit(list(keep_names), timestamps)
+        listing = self.list_files()
+        complete = {m.name for m in self.complete_manifests(listing)}
+        pointed = self.commit(list(keep_names), timestamps, listing=listing)
+        newest = max(manifest_lib.step_of(n) for n in pointed)
+        committed = set(manifest_lib.names_from_listing(listing))
         present = set()
-        for filename in self.list_files():
+        for filename in listing:
             match = _FILE_RE.match(filename)
             if match:
                 present.add(match.group(1))
         for name in sorted(present - set(pointed), key=manifest_lib.step_of):
-            self.delete_checkpoint(name)
+            if name in complete or (
+                name in committed and drop_damaged
+            ) or (
+                name not in committed
+                and manifest_lib.step_of(name) < newest
+            ):
+                self.delete_checkpoint(name, listing)
         return pointed
 
     def archive(self, names):
@@ -1114,6 +1175,11 @@ class Uploader:
         return manifest.timestamp
 
 
+#: The name of `Store` before the local directory became a store too; a
+#: mirror given as `Checkpoint(mirror=...)` is any `Store`.
+Uploader = Store
+
+
 class UploadCancelled(KerasCkptError):
     """An upload stopped because its `cancel` event was set (a newer
     checkpoint supersedes it). The checkpoint is not committed on the
@@ -1173,17 +1239,14 @@ def _local_file_matches(path, entry, verify):
 
 
 def _local_complete(local_dir):
-    """Manifests of the complete local checkpoints, in the local pointer's
-    order if it names any of them, else oldest first."""
-    complete = {listed.name: listed.manifest
-                for listed in manifest_lib.list_directory(local_dir)
-                if listed.complete}
-    names = list(complete)
-    try:
-        with open(manifest_lib.confined(local_dir, manifest_lib.POINTER_NAME),
-                  encoding="utf-8", errors="replace") as f:
-            _, pointer_names = manifest_lib.parse_pointer(f.read())
-    except OSError:
-        pointer_names = []
+    """Manifests of the complete checkpoints of a local directory, in its
+    pointer's order if it names any of them, else oldest first."""
+    from keras_ckpt.store.local import LocalStore
+
+    local = LocalStore.of_directory(local_dir)
+    if not os.path.isdir(local.directory):
+        return []
+    complete = {m.name: m for m in local.complete_manifests()}
+    _, pointer_names = local.read_pointer()
     ordered = [n for n in dict.fromkeys(pointer_names) if n in complete]
-    return [complete[n] for n in (ordered or names)]
+    return [complete[n] for n in (ordered or complete)]
