@@ -146,6 +146,27 @@ def test_checkpoint_arguments_get_keras_style_errors(tmp_path, kwargs,
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("typo, fixed", [
+    ("s3:/my-bucket/run-1", "s3://my-bucket/run-1"),
+    ("gs:my-bucket/run-1", "gs://my-bucket/run-1"),
+    ("az:/container/run-1", "az://container/run-1"),
+])
+def test_a_mistyped_mirror_url_is_refused_with_the_fix(tmp_path, monkeypatch,
+                                                       capsys, typo, fixed):
+    """`mirror="s3:/my-bucket/run-1"` was taken as a local path and failed
+    at fit as a missing `file:///.../s3:/my-bucket/run-1` directory."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="argument `mirror`") as e:
+        keras_ckpt.Checkpoint(tmp_path / "c", mirror=typo)
+    assert f'Did you mean "{fixed}"?' in str(e.value)
+    # The CLI: a usage error with the same suggestion, nothing created.
+    from keras_ckpt import cli
+
+    assert cli.main(["ls", typo]) == 2
+    assert f'Did you mean "{fixed}"?' in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 def test_an_existing_path_is_a_branch_source_not_a_typo(tmp_path,
                                                         monkeypatch):
     fit(make_model(), [keras_ckpt.Checkpoint(tmp_path / "lastest",

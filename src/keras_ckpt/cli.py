@@ -159,12 +159,22 @@ def _upload_options(args):
         yield
 
 
+def _parse(source):
+    """`sources.parse_source()`; a mistyped URL is a usage error."""
+    from keras_ckpt import sources
+
+    try:
+        return sources.parse_source(source)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+
+
 def _open_source(source):
     """Returns `(source, name)`: `name` is the checkpoint `source` names
     (`dir/ckpt-120`, `s3://b/p/ckpt-120`), or None for a whole directory."""
     from keras_ckpt import sources
 
-    location, name = sources.parse_source(source)
+    location, name = _parse(source)
     if name is None and not sources.is_remote(location) and not (
             os.path.isdir(location)):
         sources.local_source(location)  # raises, naming what is missing
@@ -510,32 +520,20 @@ def _cmd_pull(args):
             f"DIR must be a local directory, not {args.dir!r}. To copy "
             "between stores, pull to a directory, then push it."
         )
-    base, name = sources.parse_source(args.source)
+    base, name = _parse(args.source)
     uploader = _uploader(base)
     directory = os.path.abspath(args.dir)
-    listing = {listed.name: listed.manifest for listed in uploader.listing()
-               if listed.complete}
-    complete = list(listing)
-    if name is not None:
-        names = [name]
-    else:
-        # `Uploader.pull()`'s own choice, made here so the progress bar's
-        # total covers exactly what is pulled.
-        _, pointer_names = uploader.read_pointer()
-        names = [n for n in pointer_names if n in complete] or complete
-    if not names:
-        raise CheckpointNotFoundError(
-            f"No complete checkpoint at {uploader.url} to pull."
-        )
+    # What `pull()` copies, chosen here so that the progress bar's total
+    # covers exactly the bytes the local directory lacks.
+    chosen = uploader.pull_choice(None if name is None else [name])
     pending = 0
-    for n in names:
-        if n not in complete:
-            continue  # `pull()` names it in its error
-        for filename, spec in listing[n].files.items():
+    for manifest in chosen:
+        for filename, spec in manifest.files.items():
             path = manifest_lib.confined(directory, filename)
             if not (os.path.isfile(path)
                     and os.path.getsize(path) == int(spec["size"])):
                 pending += int(spec["size"])
+    names = [m.name for m in chosen]
     with _Progress(pending, "pull", args.progress) as progress:
         pulled = uploader.pull(directory, names=names, verify=True,
                                progress=progress)

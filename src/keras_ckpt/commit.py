@@ -30,7 +30,6 @@ from keras_ckpt import manifest as manifest_lib
 from keras_ckpt._format import human_size
 from keras_ckpt.errors import StorageError
 from keras_ckpt.store.base import UploadCancelled
-from keras_ckpt.store.base import _in_commit_order
 
 logger = logging.getLogger("keras_ckpt")
 
@@ -234,7 +233,7 @@ class Committer:
             return manifest, False
         start = time.perf_counter()
         files = [(f, int(manifest.files[f]["size"]))
-                 for f in _in_commit_order(manifest.files)]
+                 for f in manifest_lib.commit_order(manifest.files)]
         self._start(manifest.name, "upload", sum(s for _, s in files),
                     files + [(manifest_lib.manifest_name(manifest.name), 0)])
         try:

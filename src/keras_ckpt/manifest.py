@@ -433,6 +433,13 @@ def _json_default(value):
     raise TypeError(f"Cannot write {type(value).__name__} to a manifest.")
 
 
+def commit_order(filenames):
+    """A checkpoint's files in the order they are written: data before
+    index, as `tf.train.Checkpoint` writes them (the manifest comes after
+    both)."""
+    return sorted(filenames, key=lambda f: (f.endswith(".index"), f))
+
+
 def describe_files(directory, filenames):
     """Returns the manifest `files` entry for files in `directory`."""
     return {

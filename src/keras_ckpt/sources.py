@@ -49,8 +49,10 @@ def resolve_paths(directory, mirror):
     if mirror is None:
         mirror = platform.mirror_url
     uploader = None
-    if isinstance(mirror, (str, os.PathLike)) and "://" not in os.fspath(mirror):
+    if isinstance(mirror, (str, os.PathLike)) and not is_url(
+            os.fspath(mirror)):
         # A plain local path: the file:// mirror of that directory.
+        check_path(os.fspath(mirror), "mirror")
         mirror = "file://" + os.path.abspath(os.fspath(mirror))
     if mirror is not None:
         from keras_ckpt.store import get_uploader
@@ -160,6 +162,24 @@ def is_remote(source):
     return is_url(source) and not source.lower().startswith("file://")
 
 
+def check_path(path, argument):
+    """Refuses a local path that is a mistyped URL (`s3:/bucket/run`,
+    `gs:bucket/run`): it would silently become a directory named `s3:`."""
+    from keras_ckpt.store import registry
+
+    scheme, colon, rest = str(path).partition(":")
+    if colon and scheme.lower() in registry.known_schemes():
+        fixed = f"{scheme.lower()}://{rest.lstrip('/')}"
+        if scheme.lower() == "file":
+            fixed = "file://" + os.path.abspath(rest)
+        raise ValueError(
+            f"Invalid value for argument `{argument}`. Received: "
+            f"{argument}={path!r}. Did you mean \"{fixed}\"? Expected a "
+            'URL such as "s3://bucket/prefix" or a local path.'
+        )
+    return path
+
+
 def local_path(source):
     """The local path `source` names: a path as is, a `file://` URL's path
     (percent-decoded, `file://localhost/...` included)."""
@@ -192,6 +212,8 @@ def parse_source(source):
     """
     if is_remote(source):
         return split_checkpoint_url(source)
+    if not is_url(source):
+        check_path(os.fspath(source), "source")
     path = os.path.abspath(local_path(source))
     if os.path.isdir(path):
         return path, None

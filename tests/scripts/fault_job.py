@@ -99,18 +99,12 @@ def main():
         return "local-index" if path.endswith(".index") else None
 
     manager._fsync_file = after(manager._fsync_file, fsync_step)
-    manifest_write = manager.manifest_lib.atomic_write
 
-    def manifest_step(path, data):
-        if (os.path.dirname(os.path.abspath(path)) == directory
-                and re.fullmatch(r"ckpt-\d+\.json", os.path.basename(path))):
-            return "local-manifest"
-        return None
+    # The local directory and the mirror are both stores: the same methods
+    # write both, told apart by the store's directory.
+    def is_local(store):
+        return getattr(store, "path", None) == directory
 
-    manager.manifest_lib.atomic_write = after(manifest_write, manifest_step)
-    manager.LocalCheckpoints.write_pointer = after(
-        manager.LocalCheckpoints.write_pointer,
-        lambda *a, **k: "local-pointer")
     original_retain = manager.LocalCheckpoints.retain
 
     def retain(self, *args, **kwargs):
@@ -121,25 +115,31 @@ def main():
             in_retention[0] = False
 
     manager.LocalCheckpoints.retain = retain
-    manager.LocalCheckpoints.delete = after(
-        manager.LocalCheckpoints.delete,
-        lambda *a, **k: "local-retention" if in_retention[0] else None)
 
     def upload_step(self, local_path, name, progress=None):
+        if is_local(self):
+            return None
         if name.endswith(manager.DATA_SUFFIX):
             return "mirror-data"
         return "mirror-index" if name.endswith(".index") else None
 
-    base.Uploader.upload_file = after(base.Uploader.upload_file, upload_step)
+    base.Store.upload_file = after(base.Store.upload_file, upload_step)
 
     def write_step(self, name, data, if_absent=False):
+        where = "local" if is_local(self) else "mirror"
         if re.fullmatch(r"ckpt-\d+\.json", name):
-            return "mirror-manifest"
-        return "mirror-pointer" if name == "checkpoint" else None
+            return f"{where}-manifest"
+        return f"{where}-pointer" if name == "checkpoint" else None
 
-    base.Uploader.write_bytes = after(base.Uploader.write_bytes, write_step)
-    base.Uploader.delete_checkpoint = after(
-        base.Uploader.delete_checkpoint, lambda *a, **k: "mirror-retention")
+    base.Store.write_bytes = after(base.Store.write_bytes, write_step)
+
+    def delete_step(self, *args, **kwargs):
+        if is_local(self):
+            return "local-retention" if in_retention[0] else None
+        return "mirror-retention"
+
+    base.Store.delete_checkpoint = after(base.Store.delete_checkpoint,
+                                         delete_step)
 
     sys.argv = [os.path.join(HERE, "train.py"), *theirs]
     runpy.run_path(sys.argv[0], run_name="__main__")

@@ -680,75 +680,8 @@ class Store(abc.ABC):
             CorruptCheckpointError: a local file is missing or truncated.
             StorageError: the upload failed after retries.
         """
-        _check_name(name)
-        manifest_file = manifest_lib.manifest_name(name)
-        local_manifest = os.path.join(local_dir, manifest_file)
-        try:
-            with open(local_manifest, "rb") as f:
-                manifest_bytes = f.read()
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(
-                f"No committed checkpoint `{name}` in {local_dir}: "
-                f"{local_manifest} does not exist."
-            ) from None
-        manifest = manifest_lib.Manifest.from_json(
-            manifest_bytes, source=local_manifest
-        )
-        problems = manifest_lib.local_problems(local_dir, manifest)
-        if problems:
-            raise CorruptCheckpointError(
-                f"Local checkpoint {os.path.join(local_dir, name)} is damaged "
-                f"({'; '.join(problems)}); it was not uploaded to {self.url}."
-            )
-
-        listing = self.list_files()
-        remote = None
-        if manifest_file in listing:
-            remote_bytes = self.read_bytes(manifest_file)
-            if remote_bytes == manifest_bytes and not manifest_lib.size_problems(
-                manifest, listing
-            ):
-                return
-            if remote_bytes is not None:
-                # Another version of this checkpoint is committed there
-                # (a run resumed from an earlier step): un-commit it before
-                # its files are overwritten, so no reader mixes the two.
-                try:
-                    remote = manifest_lib.Manifest.from_json(remote_bytes)
-                except CorruptCheckpointError:
-                    remote = None
-                self.delete_file(manifest_file)
-
-        def already_there(filename):
-            # Same size alone is not proof (a re-saved step has the same
-            # size): the remote manifest must vouch for the same content.
-            entry = manifest.files[filename]
-            return (
-                remote is not None
-                and listing.get(filename) == int(entry["size"])
-                and manifest_lib.same_content(
-                    entry, remote.files.get(filename))
-            )
-
-        pending = [f for f in _in_commit_order(manifest.files)
-                   if not already_there(f)]
-        if cancel is not None:
-            progress = _cancellable(progress, cancel, self._url_of(name))
-        for filename in pending:
-            _check_cancel(cancel, self._url_of(name))
-            self.upload_file(
-                os.path.join(local_dir, filename), filename, progress
-            )
-        # Every file is there: committing costs one small write, so a
-        # cancel that comes now lets it commit.
-        wrong = manifest_lib.size_problems(manifest, self.list_files())
-        if wrong:
-            raise StorageError(
-                f"Upload of checkpoint `{name}` to {self.url} did not verify: "
-                f"{'; '.join(wrong)}. The manifest was not written, so the "
-                "checkpoint is not committed there; the next save retries."
-            )
-        self.write_bytes(manifest_file, manifest_bytes)
+        copy_checkpoint(_local_store(local_dir), self, name, upload=True,
+                        verify=False, progress=progress, cancel=cancel)
 
     def commit(self, names, timestamps=None, listing=None):
         """Writes the remote `checkpoint` pointer naming `names`.
@@ -1014,60 +947,9 @@ class Store(abc.ABC):
                 checksum (the message names the file and its URL).
         """
         _check_name(name)
-        manifest_file = manifest_lib.manifest_name(name)
-        manifest_bytes = self.read_bytes(manifest_file)
-        if manifest_bytes is None:
-            raise CheckpointNotFoundError(
-                f"No checkpoint `{name}` at {self.url}: "
-                f"{self._url_of(manifest_file)} does not exist."
-            )
-        manifest = manifest_lib.Manifest.from_json(
-            manifest_bytes, source=self._url_of(manifest_file), name=name
-        )
         os.makedirs(local_dir, exist_ok=True)
-        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        ready = {}  # filename -> verified temporary path
-        try:
-            for filename in _in_commit_order(manifest.files):
-                entry = manifest.files[filename]
-                final = manifest_lib.confined(local_dir, filename)
-                if _local_file_matches(final, entry, verify):
-                    continue
-                tmp = manifest_lib.confined(
-                    local_dir, f".{filename}.part-{tag}")
-                ready[filename] = tmp
-                try:
-                    self.download_file(filename, tmp, progress)
-                except CheckpointNotFoundError:
-                    raise CorruptCheckpointError(
-                        f"{filename} is missing from {self._url_of(filename)}"
-                        f": checkpoint `{name}` at {self.url} is incomplete. "
-                        "Restore an earlier checkpoint instead."
-                    ) from None
-                problem = _file_problem(tmp, entry, verify)
-                if problem:
-                    raise CorruptCheckpointError(
-                        f"{filename} downloaded from {self._url_of(filename)}"
-                        f" {problem}: checkpoint `{name}` at {self.url} is "
-                        "damaged. Restore an earlier checkpoint instead."
-                    )
-                # Durable before it is renamed into place, as local saves.
-                manifest_lib.fsync_file(tmp)
-            # Un-commit any older local copy before replacing its files.
-            local_manifest = manifest_lib.confined(local_dir, manifest_file)
-            if os.path.exists(local_manifest):
-                os.remove(local_manifest)
-            for filename, tmp in ready.items():
-                os.replace(tmp, manifest_lib.confined(local_dir, filename))
-            ready.clear()
-            manifest_lib.fsync_dir(local_dir)
-            manifest_lib.atomic_write(local_manifest, manifest_bytes)
-        finally:
-            for tmp in ready.values():
-                try:
-                    os.remove(tmp)
-                except OSError:
-                    pass
+        copy_checkpoint(self, _local_store(local_dir), name, upload=False,
+                        verify=verify, progress=progress)
         return os.path.join(local_dir, name)
 
     def push(self, local_dir, progress=None):
@@ -1103,6 +985,36 @@ class Store(abc.ABC):
         self.commit(names, [m.timestamp for m in manifests])
         return names
 
+    def pull_choice(self, names=None):
+        """The manifests of the checkpoints `pull(names=names)` copies,
+        oldest first: `names`, or every complete checkpoint the pointer
+        lists (all complete ones if it lists none).
+
+        Raises:
+            CheckpointNotFoundError: a name is not complete here, or there
+                is nothing to pull.
+        """
+        complete = {listed.name: listed.manifest
+                    for listed in self.listing() if listed.complete}
+        if names is not None:
+            names = list(names)
+            absent = [n for n in names if n not in complete]
+            if absent:
+                raise CheckpointNotFoundError(
+                    f"No complete checkpoint {absent} at {self.url}. "
+                    f"Complete ones: {list(complete)}."
+                )
+        else:
+            _, pointer_names = self.read_pointer()
+            names = [n for n in pointer_names if n in complete] or list(
+                complete)
+        if not names:
+            raise CheckpointNotFoundError(
+                f"No complete checkpoint at {self.url} to pull."
+            )
+        return [complete[n] for n in sorted(set(names),
+                                            key=manifest_lib.step_of)]
+
     def pull(self, local_dir, names=None, verify=True, progress=None):
         """Downloads complete remote checkpoints into a local directory.
 
@@ -1127,53 +1039,16 @@ class Store(abc.ABC):
         keras_ckpt.get_uploader("gs://my-bucket/run-1").pull("/tmp/run-1")
         ```
         """
-        complete = [i.name for i in self.listing() if i.complete]
-        if names is not None:
-            names = list(names)
-            absent = [n for n in names if n not in complete]
-            if absent:
-                raise CheckpointNotFoundError(
-                    f"No complete checkpoint {absent} at {self.url}. "
-                    f"Complete ones: {complete}."
-                )
-        else:
-            _, pointer_names = self.read_pointer()
-            names = [n for n in pointer_names if n in complete] or complete
-        if not names:
-            raise CheckpointNotFoundError(
-                f"No complete checkpoint at {self.url} to pull."
-            )
-        names = sorted(names, key=manifest_lib.step_of)
-        timestamps = []
-        for name in names:
-            timestamps.append(self._pull_one(name, local_dir, verify, progress))
-        manifest_lib.atomic_write(
-            manifest_lib.confined(local_dir, manifest_lib.POINTER_NAME),
-            manifest_lib.format_pointer(names, timestamps),
-        )
+        names = [m.name for m in self.pull_choice(names)]
+        os.makedirs(local_dir, exist_ok=True)
+        local = _local_store(local_dir)
+        timestamps = [
+            copy_checkpoint(self, local, name, upload=False, verify=verify,
+                            progress=progress).timestamp
+            for name in names
+        ]
+        local.commit(names, timestamps)
         return names
-
-    def _pull_one(self, name, local_dir, verify, progress):
-        manifest_file = manifest_lib.manifest_name(name)
-        local_manifest = manifest_lib.confined(local_dir, manifest_file)
-        remote_bytes = self.read_bytes(manifest_file)
-        if remote_bytes is None:
-            raise CheckpointNotFoundError(
-                f"Checkpoint `{name}` disappeared from {self.url} while "
-                "pulling."
-            )
-        try:
-            with open(local_manifest, "rb") as f:
-                same = f.read() == remote_bytes
-        except FileNotFoundError:
-            same = False
-        manifest = manifest_lib.Manifest.from_json(
-            remote_bytes, source=self._url_of(manifest_file), name=name
-        )
-        if not (same and not manifest_lib.local_problems(local_dir, manifest)):
-            self.download_checkpoint(name, local_dir, verify, progress)
-        return manifest.timestamp
-
 
 #: The name of `Store` before the local directory became a store too; a
 #: mirror given as `Checkpoint(mirror=...)` is any `Store`.
@@ -1203,6 +1078,188 @@ def _cancellable(progress, cancel, url):
     return report
 
 
+def copy_checkpoint(source, dest, name, upload, verify=True, progress=None,
+                    cancel=None):
+    """Copies committed checkpoint `name` from store `source` to store
+    `dest`, by the commit protocol: the one copy behind upload, download,
+    push, pull and healing.
+
+    1. `source`'s manifest is read and validated, and its files must be
+       there with the listed sizes.
+    2. If `dest` already holds the same manifest with intact files (sizes;
+       with `verify`, checksums too), nothing is copied. Otherwise each file
+       `dest` lacks is copied, data before index; a file `dest` holds with
+       the same content (vouched for by its own manifest, or by its
+       checksum on a local disk) is kept.
+    3. A download (into a local directory) receives the files under
+       temporary names, each checked (size; with `verify`, CRC32C) and
+       fsynced, and renamed into place only once all are there, so a failed
+       copy leaves an older complete copy intact. An upload goes to a store
+       that may have no rename: its older copy is un-committed (manifest
+       deleted) before any file is replaced, and the files' sizes there are
+       verified after the transfer.
+    4. The manifest is written last: the checkpoint is complete in `dest`
+       only now. The pointer is not touched.
+
+    Files move through the local disk: an upload sends `source`'s files
+    (`source` is a `LocalStore`) with `dest`'s `upload_file`, a download
+    fetches them with `source`'s `download_file` into `dest` (a
+    `LocalStore`).
+
+    Args:
+        source: `Store`, where the checkpoint is complete.
+        dest: `Store`, where it goes.
+        name: str, the checkpoint, e.g. `"ckpt-120"`.
+        upload: bool, True to upload from a local directory (`source`),
+            False to download into one (`dest`).
+        verify: bool, check the CRC32C checksums of what a local `dest`
+            receives (and of what it already holds). Defaults to `True`.
+        progress: callable or None, called with byte counts as they move.
+        cancel: `threading.Event` or None. Once set, the copy stops between
+            files (and between the parts of a large upload) with
+            `UploadCancelled`, before the manifest is written; once every
+            file is there, the manifest is written anyway.
+
+    Returns:
+        The checkpoint's `Manifest`.
+
+    Raises:
+        CheckpointNotFoundError: `source` has no manifest for `name`.
+        CorruptCheckpointError: a file of `source` is missing, truncated or
+            (with `verify`) fails its checksum.
+        StorageError: a transfer failed after retries, or `dest` does not
+            hold what was sent.
+        UploadCancelled: `cancel` was set.
+    """
+    from keras_ckpt.store.local import LocalStore
+
+    _check_name(name)
+    local = source if upload else dest
+    if not isinstance(local, LocalStore):
+        raise ValueError(
+            f"Cannot copy {source.url}/{name} to {dest.url} directly: copy "
+            "it to a local directory first, then from there.")
+    local_dest = not upload  # received under temporary names, then renamed
+    manifest_file = manifest_lib.manifest_name(name)
+    where = source._url_of(name)
+    manifest_bytes = source.read_bytes(manifest_file)
+    if manifest_bytes is None:
+        raise CheckpointNotFoundError(
+            f"No committed checkpoint `{name}` at {source.url}: "
+            f"{source._url_of(manifest_file)} does not exist."
+        )
+    manifest = manifest_lib.Manifest.from_json(
+        manifest_bytes, source=source._url_of(manifest_file), name=name)
+    problems = manifest_lib.size_problems(manifest, source.list_files())
+    if problems:
+        raise CorruptCheckpointError(
+            f"Checkpoint {where} is damaged ({'; '.join(problems)}); it was "
+            f"not copied to {dest.url}. Restore an earlier checkpoint "
+            "instead."
+        )
+
+    listing = dest.list_files()
+    old = None
+    if manifest_file in listing:
+        old_bytes = dest.read_bytes(manifest_file)
+        if old_bytes == manifest_bytes and not (
+            manifest_lib.size_problems(manifest, listing)
+            or (verify and local_dest
+                and dest.checksum_problems(manifest))
+        ):
+            return manifest
+        try:
+            old = manifest_lib.Manifest.from_json(old_bytes or b"")
+        except CorruptCheckpointError:
+            old = None
+
+    def already_there(filename):
+        # Same size alone is not proof (a re-saved step has the same size):
+        # the old manifest must vouch for the content, or a local checksum.
+        entry = manifest.files[filename]
+        if listing.get(filename) != int(entry["size"]):
+            return False
+        if old is not None and manifest_lib.same_content(
+                entry, old.files.get(filename)):
+            return True
+        return local_dest and verify and not _file_problem(
+            dest.local_path(filename), entry, verify=True)
+
+    pending = [f for f in manifest_lib.commit_order(manifest.files)
+               if not already_there(f)]
+    if not local_dest and manifest_file in listing:
+        # Un-commit the other version before its files are overwritten,
+        # so no reader mixes the two.
+        dest.delete_file(manifest_file)
+    if cancel is not None:
+        progress = _cancellable(progress, cancel, where)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staged = {}  # filename -> temporary name in a local dest
+    try:
+        for filename in pending:
+            _check_cancel(cancel, where)
+            target = filename
+            if local_dest:
+                target = staged[filename] = f".{filename}.part-{tag}"
+            try:
+                if upload:
+                    dest.upload_file(source.local_path(filename), target,
+                                     progress)
+                else:
+                    source.download_file(filename, dest.local_path(target),
+                                         progress)
+            except CheckpointNotFoundError:
+                raise CorruptCheckpointError(
+                    f"{filename} is missing from {source._url_of(filename)}"
+                    f": checkpoint {where} is incomplete. Restore an earlier "
+                    "checkpoint instead."
+                ) from None
+            if local_dest:
+                path = dest.local_path(target)
+                problem = _file_problem(path, manifest.files[filename],
+                                        verify)
+                if problem:
+                    raise CorruptCheckpointError(
+                        f"{filename} copied from {source._url_of(filename)} "
+                        f"{problem}: checkpoint {where} is damaged. Restore "
+                        "an earlier checkpoint instead."
+                    )
+                # Durable before it is renamed into place, as local saves.
+                manifest_lib.fsync_file(path)
+        if local_dest:
+            if manifest_file in listing:
+                dest.delete_file(manifest_file)  # un-commit the older copy
+            for filename, tmp in staged.items():
+                os.replace(dest.local_path(tmp), dest.local_path(filename))
+            staged.clear()
+            manifest_lib.fsync_dir(dest.directory)
+        else:
+            wrong = manifest_lib.size_problems(manifest, dest.list_files())
+            if wrong:
+                raise StorageError(
+                    f"Copy of checkpoint {where} to {dest.url} did not "
+                    f"verify: {'; '.join(wrong)}. The manifest was not "
+                    "written, so the checkpoint is not committed there; the "
+                    "next save retries."
+                )
+    finally:
+        for tmp in staged.values():
+            try:
+                os.remove(dest.local_path(tmp))
+            except OSError:
+                pass
+    # Every file is there: committing costs one small write, so a cancel
+    # that comes now lets it commit.
+    dest.write_bytes(manifest_file, manifest_bytes)
+    return manifest
+
+
+def _local_store(directory):
+    from keras_ckpt.store.local import LocalStore
+
+    return LocalStore.of_directory(directory)
+
+
 def _check_name(name):
     if not isinstance(name, str) or manifest_lib.step_of(name) is None:
         _invalid("name", name, 'a checkpoint name such as "ckpt-120"')
@@ -1217,11 +1274,6 @@ def _summary(exc):
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _in_commit_order(filenames):
-    # Data before index, as tf.train.Checkpoint writes them locally.
-    return sorted(filenames, key=lambda f: (f.endswith(".index"), f))
-
-
 def _file_problem(path, entry, verify):
     size = os.path.getsize(path)
     if size != int(entry["size"]):
@@ -1229,13 +1281,6 @@ def _file_problem(path, entry, verify):
     if verify:
         return manifest_lib.checksum_problem(path, entry)
     return None
-
-
-def _local_file_matches(path, entry, verify):
-    try:
-        return _file_problem(path, entry, verify) is None
-    except OSError:
-        return False
 
 
 def _local_complete(local_dir):
