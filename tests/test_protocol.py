@@ -5,6 +5,7 @@ heals), 7 (branches never lose work), 8 (one writer at a time) and 10 (mirror
 outages are a choice), each against the real emulators.
 """
 
+import json
 import logging
 import os
 import re
@@ -84,6 +85,54 @@ def test_conditional_writes(mirror_url):
     data, version = store.read_versioned("lease")
     assert store.write_if("lease", b"e", version)
     assert store.read_bytes("lease") == b"e"
+
+
+_RACER = """
+import json, os, sys, time
+from keras_ckpt.store import get_uploader
+
+url, me, rounds, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+store = get_uploader(url, retries=5, backoff=0.01, max_backoff=0.1)
+while not os.path.exists(go):
+    time.sleep(0.005)
+first = store.write_bytes("absent", me, if_absent=True)
+wins = 0
+while wins < rounds:  # compare-and-swap: append my name to a shared list
+    data, version = store.read_versioned("counter")
+    names = json.loads(data) if data is not None else []
+    if store.write_if("counter", json.dumps(names + [me]), version):
+        wins += 1
+print(json.dumps({"first": first}))
+"""
+
+
+def test_conditional_write_races_between_processes(mirror_url, tmp_path,
+                                                   subprocess_env):
+    """Three processes race on one store: exactly one creates an absent
+    object, and a compare-and-swap counter loses no update (what the
+    writer lease relies on when two jobs start at once)."""
+    go, rounds = tmp_path / "go", 5
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, mirror_url, f"p{i}", str(rounds),
+             str(go)], env=subprocess_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        for i in range(3)
+    ]
+    time.sleep(1.0)  # every racer imported and waiting
+    go.touch()
+    results = []
+    for racer in racers:
+        out, err = racer.communicate(timeout=300)
+        assert racer.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    store = get_uploader(mirror_url, **FAST)
+    winners = [f"p{i}" for i, r in enumerate(results) if r["first"]]
+    assert len(winners) == 1
+    assert store.read_bytes("absent") == winners[0].encode()
+    names = json.loads(store.read_bytes("counter"))
+    assert sorted(names) == sorted(f"p{i}" for i in range(3)
+                                   for _ in range(rounds))
 
 
 # --- case 5: retention over the durable record -------------------------------
