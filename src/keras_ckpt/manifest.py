@@ -650,8 +650,11 @@ def parse_pointer(text):
     return latest, names
 
 
-def atomic_write(path, data):
-    """Writes `data` (bytes or str) to `path` durably: tmp file, fsync, rename."""
+def atomic_write(path, data, replace=True):
+    """Writes `data` (bytes or str) to `path` durably: tmp file, fsync, then
+    rename over `path` (`replace=True`) or link it to `path` only if `path`
+    does not exist (`replace=False`: an atomic create-if-absent, which
+    returns False if `path` existed). Returns True once written."""
     if isinstance(data, str):
         data = data.encode("utf-8")
     tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
@@ -660,14 +663,19 @@ def atomic_write(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if `path` exists
+    except FileExistsError:
+        return False
+    finally:
         try:
             os.remove(tmp)
         except OSError:
-            pass
-        raise
+            pass  # renamed into place (or never created)
     fsync_dir(os.path.dirname(path) or ".")
+    return True
 
 
 def fsync_file(path):

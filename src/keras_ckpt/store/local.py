@@ -173,23 +173,7 @@ class LocalStore(base.Store):
     def _write_bytes(self, name, data, if_absent=False):
         dest = self._path(name)
         self._ensure_dir(os.path.dirname(dest))
-        if not if_absent:
-            manifest_lib.atomic_write(dest, data)
-            return True
-        tmp = _tmp_name(dest)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            # link() fails if `dest` exists: an atomic create-if-absent.
-            os.link(tmp, dest)
-        except FileExistsError:
-            return False
-        finally:
-            _remove_quietly(tmp)
-        manifest_lib.fsync_dir(os.path.dirname(dest))
-        return True
+        return manifest_lib.atomic_write(dest, data, replace=not if_absent)
 
     def _read_versioned(self, name):
         data = self._read_bytes(name)
