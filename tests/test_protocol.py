@@ -282,6 +282,55 @@ def test_lease_later_job_wins(mirror_url):
     assert mirror_url in str(error.value)
 
 
+@pytest.mark.parametrize("started", [
+    "clock-ahead", 1e18, -5, "soon", float("nan"), None])
+def test_lease_trusts_no_clock_and_no_field(mirror_url, started):
+    """A lease from a host whose clock runs 10 minutes ahead, or with a
+    crafted `started`, neither blocks a restarted job nor crashes it (it
+    waited for its own clock to pass the other's, or raised a raw OSError or
+    TypeError)."""
+    store = get_uploader(mirror_url, **FAST)
+    other = {"id": "other-job", "host": "vm-1", "pid": 7,
+             "started": time.time() + 600 if started == "clock-ahead"
+             else started}
+    store.write_bytes(lease_lib.LEASE_NAME,
+                      json.dumps(other).replace("NaN", '"NaN"'))
+    job = lease_lib.Lease(store, lease_lib.describe_job(), mirror_url)
+    assert job.acquire()["id"] == "other-job"  # taken over, at once
+    job.confirm()
+    # The other job, at its next save, stops naming this one.
+    theirs = lease_lib.Lease(store, other, mirror_url)
+    with pytest.raises(ConcurrentWriterError, match="Another job"):
+        theirs.confirm()
+
+
+@pytest.mark.parametrize("content", [
+    b"[" * 100000, b"not json", b'"a string"', b'{"id": 5, "pid": "x"}'])
+def test_a_crafted_lease_is_taken_over(mirror_url, content):
+    store = get_uploader(mirror_url, **FAST)
+    store.write_bytes(lease_lib.LEASE_NAME, content)
+    job = lease_lib.Lease(store, lease_lib.describe_job(), mirror_url)
+    job.acquire()
+    job.confirm()
+
+
+def test_a_lock_file_from_the_future_is_stale(file_url):
+    """A `file://` store's conditional write waited on a lock file whose
+    mtime lay in the future until its retries ran out."""
+    store = get_uploader(file_url, **FAST)
+    store.write_bytes("lease", b"a")
+    path = file_url.removeprefix("file://")
+    lock = os.path.join(path, "lease.lock")
+    open(lock, "w").close()
+    future = time.time() + 3600
+    os.utime(lock, (future, future))
+    data, version = store.read_versioned("lease")
+    started = time.monotonic()
+    assert store.write_if("lease", b"b", version)
+    assert time.monotonic() - started < 5
+    assert store.read_bytes("lease") == b"b"
+
+
 def test_second_job_on_a_mirror_stops_the_first(mirror_url, tmp_path):
     """Two Checkpoint objects in one process: the second starts (on another
     machine's directory) while the first is training."""

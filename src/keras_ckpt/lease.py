@@ -10,7 +10,9 @@ jobs starting at once exactly one holds it afterwards.
 
 The rule is "the later job wins": a job starting (or restarted after a
 preemption, on the same or a fresh machine) always takes the lease over, so
-it is never blocked by its own earlier run; a job that finds, at its next
+it is never blocked by its own earlier run, whatever the clocks of the two
+hosts say (no clock is compared; of two jobs starting at once, the one whose
+takeover lands last holds it); a job that finds, at its next
 save, that another one holds the lease stops with `ConcurrentWriterError`
 naming it, before it writes or deletes anything more.
 
@@ -46,19 +48,39 @@ def describe_job():
 
 
 def _format(holder):
+    holder = _valid(holder)
     started = holder.get("started")
     when = (time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started))
-            if isinstance(started, (int, float)) else "an unknown time")
+            if started is not None else "an unknown time")
     return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
             f"started {when}")
 
 
+# Field -> check of a lease read from a store (untrusted: a field that
+# fails is dropped, and the lease still names its holder by `id`).
+_FIELDS = {
+    "id": lambda v: isinstance(v, str) and 0 < len(v) <= 200,
+    "host": lambda v: isinstance(v, str) and len(v) <= 255,
+    "pid": lambda v: isinstance(v, int) and not isinstance(v, bool)
+    and 0 <= v < 2**32,
+    # Seconds since the epoch that `time.gmtime` can show: 1970 to 3000.
+    "started": lambda v: isinstance(v, (int, float))
+    and not isinstance(v, bool) and 0 <= v < 32503680000.0,
+}
+
+
 def _parse(data):
+    """The lease's fields that pass their checks (`{}` if none do)."""
     try:
         holder = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return {}
-    return holder if isinstance(holder, dict) else {}
+    return _valid(holder) if isinstance(holder, dict) else {}
+
+
+def _valid(holder):
+    return {key: value for key, value in holder.items()
+            if key in _FIELDS and _FIELDS[key](value)}
 
 
 class Lease:
@@ -85,9 +107,11 @@ class Lease:
             holder = _parse(current) if current is not None else None
             if holder and holder.get("id") == self.job["id"]:
                 return None
-            if holder and holder.get("started", 0) > self.job["started"]:
-                # Both started at once and the other one is the later job.
-                raise self._lost(holder)
+            # No clock is compared: the holder's `started` comes from
+            # another host's clock (ahead by minutes, or crafted), and a
+            # restarted job must never wait for it. The job whose takeover
+            # lands last holds the lease; the compare-and-swap makes that
+            # one job.
             if self.store.write_if(LEASE_NAME, data, version):
                 if holder:
                     logger.info(

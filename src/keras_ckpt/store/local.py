@@ -252,7 +252,9 @@ def _exclusive(lock_path):
                 age = time.time() - os.path.getmtime(lock_path)
             except FileNotFoundError:
                 continue
-            if age > _STALE_LOCK_SECONDS:
+            # A future mtime (another host's clock, or a crafted file) is
+            # as stale as an old one: `age` is never trusted to grow.
+            if abs(age) > _STALE_LOCK_SECONDS:
                 _remove_quietly(lock_path)
                 continue
             if time.monotonic() > deadline:
