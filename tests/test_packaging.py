@@ -102,7 +102,9 @@ def test_wheel_metadata_names_the_cli_and_the_extras(dist):
     meta = wheel_metadata(wheel)
     assert meta["Name"] == "keras-ckpt"
     extras = set(meta.get_all("Provides-Extra"))
-    assert {"s3", "gcs", "azure", "all", "dist"} <= extras
+    assert {"s3", "gcs", "azure", "all", "tensorboard", "dist"} <= extras
+    assert any(re.match(r"tensorboard\b.*extra == \"tensorboard\"", r)
+               for r in meta.get_all("Requires-Dist")), meta.get_all("Requires-Dist")
     with zipfile.ZipFile(wheel) as zf:
         entry_points = zf.read(next(n for n in zf.namelist()
                                     if n.endswith("entry_points.txt"))).decode()
@@ -152,3 +154,10 @@ def test_readme_install_lines_work_before_pypi():
     assert re.search(r"^dist:", read("Makefile"), re.M)
     assert not re.search(r"^\s*pip install '?keras-ckpt\b", readme, re.M)
 
+
+def test_tensorboard_page_names_the_extra_that_installs_tensorboard():
+    pyproject = read("pyproject.toml")
+    assert re.search(r'^tensorboard = \["tensorboard\b', pyproject, re.M)
+    page = read("docs", "tensorboard.md")
+    assert re.search(r"^pip install '\./keras_ckpt\[tensorboard\]'", page, re.M)
+    assert "TBNotInstalledError" in page  # what a user without it sees
