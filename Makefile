@@ -10,7 +10,7 @@ AZURITE_DIR := .tools/azurite-npm
 AZURITE := $(AZURITE_DIR)/node_modules/.bin/azurite-blob
 AZURITE_VERSION ?= 3.35.0
 
-.PHONY: demo test test-fast test-long test-seeds bench docs clean
+.PHONY: demo test test-fast test-long test-seeds bench docs dist clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 # The benchmark's plot (matplotlib), on top of the test extras.
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(PIP) install --quiet -e ".[test,bench]"
+	touch $@
+
+# build and twine (the `dist` extra) for `make dist`.
+$(VENV)/.installed-dist: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e ".[dist]"
 	touch $@
 
 $(AZURITE):
@@ -70,5 +75,11 @@ bench: $(VENV)/.installed-test $(VENV)/.installed-bench $(AZURITE)
 docs: $(VENV)/.installed-test
 	$(BIN)/mkdocs build --strict
 
+# The sdist and the wheel in dist/, then `twine check` (what PyPI checks on upload).
+dist: $(VENV)/.installed-dist
+	rm -rf dist
+	$(BIN)/python -m build --quiet --outdir dist .
+	$(BIN)/python -m twine check --strict dist/*
+
 clean:
-	rm -rf $(VENV) .tools checkpoints export site
+	rm -rf $(VENV) .tools checkpoints export site dist build
