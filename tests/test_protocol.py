@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import keras
@@ -84,6 +85,40 @@ def test_conditional_writes(mirror_url):
     data, version = store.read_versioned("lease")
     assert store.write_if("lease", b"e", version)
     assert store.read_bytes("lease") == b"e"
+
+
+def test_concurrent_conditional_writes_have_one_winner(mirror_url, request):
+    """Writers racing for the same create (or the same replace) of the lease:
+    exactly one wins and its bytes are what is stored, as on AWS S3 (a loser
+    gets 412 PreconditionFailed, or 409 ConditionalRequestConflict)."""
+    if request.node.callspec.params["mirror_url"] == "s3":
+        request.applymarker(pytest.mark.xfail(
+            reason="moto checks If-None-Match and then writes, not "
+                   "atomically: two racing creates can both succeed (AWS and "
+                   "SeaweedFS let exactly one win)", strict=False))
+    store = get_uploader(mirror_url, **FAST)
+    writers = 8
+    for round_ in range(5):
+        name = f"lease-{round_}"
+        version = None
+        if round_ % 2:  # odd rounds race to replace one known version
+            store.write_bytes(name, b"base")
+            _, version = store.read_versioned(name)
+        barrier = threading.Barrier(writers)
+        won = [None] * writers
+
+        def write(i):
+            barrier.wait()
+            won[i] = store.write_if(name, f"writer {i}".encode(), version)
+
+        threads = [threading.Thread(target=write, args=(i,))
+                   for i in range(writers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert won.count(True) == 1, (name, won)
+        assert store.read_bytes(name) == f"writer {won.index(True)}".encode()
 
 
 # --- case 5: retention over the durable record -------------------------------
