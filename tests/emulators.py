@@ -442,7 +442,9 @@ def start_seaweedfs(workdir, binary=None):
         }]}, f)
     # Each bucket is a SeaweedFS collection, and a new collection grows 7
     # volumes by default; one is plenty here, and keeps a test run to one
-    # volume (3 open files) per bucket.
+    # volume (3 open files) per bucket. Volumes are not preallocated, so
+    # -volume.max only caps how many buckets a run can write to (the
+    # default, 8, is a handful of tests; 0 derives it from the free disk).
     with open(os.path.join(workdir, "master.toml"), "w") as f:
         f.write("[master.volume_growth]\ncopy_1 = 1\n")
     # Every gRPC port explicitly: weed would otherwise take HTTP port +
@@ -458,7 +460,7 @@ def start_seaweedfs(workdir, binary=None):
              f"-master.port={master}", f"-master.port.grpc={master_grpc}",
              "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
              f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
-             "-volume.max=0", "-volume.preStopSeconds=0",
+             "-volume.max=1000", "-volume.preStopSeconds=0",
              "-filer", f"-filer.port={filer}",
              f"-filer.port.grpc={filer_grpc}",
              "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",
