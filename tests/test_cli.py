@@ -24,7 +24,8 @@ import keras_ckpt
 from keras_ckpt import cli
 
 COMMANDS = ("ls", "inspect", "verify", "pull", "push", "export", "prune")
-URL_FIXTURES = {"file": "file_url", "s3": "s3_url", "gs": "gcs_url",
+URL_FIXTURES = {"file": "file_url", "s3": "s3_url",
+                "s3-seaweedfs": "seaweedfs_url", "gs": "gcs_url",
                 "az": "azure_url"}
 NAMES = ["ckpt-2", "ckpt-4", "ckpt-6", "ckpt-8"]
 

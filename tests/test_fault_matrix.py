@@ -1,7 +1,7 @@
 """The fault matrix: a job dies at every step of the commit protocol, or its
-network fails mid-upload, on file://, S3, GCS and Azure; the job is then
-restarted on the same machine and on a fresh one (an empty disk and the
-mirror as the fault left it). Each time:
+network fails mid-upload, on file://, S3 (moto and SeaweedFS), GCS and
+Azure; the job is then restarted on the same machine and on a fresh one (an
+empty disk and the mirror as the fault left it). Each time:
 
 - the pointer (local and mirror) names only complete checkpoints,
 - the restart resumes from the newest checkpoint committed before the fault
@@ -44,17 +44,20 @@ KILL_STEPS = (
 )
 NETWORK_FAULTS = ("cut", "5xx", "stall")
 FULL = os.environ.get("KERAS_CKPT_FULL_MATRIX") == "1"
-URL_FIXTURES = {"file": "file_url", "s3": "s3_url", "gs": "gcs_url",
+URL_FIXTURES = {"file": "file_url", "s3": "s3_url",
+                "s3-seaweedfs": "seaweedfs_url", "gs": "gcs_url",
                 "az": "azure_url"}
 
 if FULL:
     KILLS = [(s, k) for s in URL_FIXTURES for k in KILL_STEPS]
-    NETWORK = [(s, f) for s in ("s3", "gs", "az") for f in NETWORK_FAULTS]
+    NETWORK = [(s, f) for s in ("s3", "s3-seaweedfs", "gs", "az")
+               for f in NETWORK_FAULTS]
 else:
     KILLS = [("file", "local-index"), ("file", "local-pointer"),
-             ("s3", "mirror-index"), ("gs", "mirror-pointer"),
-             ("az", "mirror-retention")]
-    NETWORK = [("s3", "cut"), ("gs", "5xx"), ("az", "stall")]
+             ("s3", "mirror-index"), ("s3-seaweedfs", "mirror-manifest"),
+             ("gs", "mirror-pointer"), ("az", "mirror-retention")]
+    NETWORK = [("s3", "cut"), ("s3-seaweedfs", "5xx"), ("gs", "5xx"),
+               ("az", "stall")]
 
 
 @pytest.fixture(scope="module")

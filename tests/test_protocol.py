@@ -107,17 +107,23 @@ print(json.dumps({"first": first}))
 
 
 def test_conditional_write_races_between_processes(mirror_url, tmp_path,
-                                                   subprocess_env):
-    """Three processes race on one store: exactly one creates an absent
+                                                   subprocess_env, request):
+    """Four processes race on one store: exactly one creates an absent
     object, and a compare-and-swap counter loses no update (what the
-    writer lease relies on when two jobs start at once)."""
-    go, rounds = tmp_path / "go", 5
+    writer lease relies on when two jobs start at once), as on AWS S3 (a
+    loser gets 412 PreconditionFailed, or 409 ConditionalRequestConflict)."""
+    if request.node.callspec.params["mirror_url"] == "s3":
+        request.applymarker(pytest.mark.xfail(
+            reason="moto checks If-None-Match / If-Match and then writes, "
+                   "not atomically: two racing writers can both succeed (AWS "
+                   "and SeaweedFS let exactly one win)", strict=False))
+    go, rounds, count = tmp_path / "go", 5, 4
     racers = [
         subprocess.Popen(
             [sys.executable, "-c", _RACER, mirror_url, f"p{i}", str(rounds),
              str(go)], env=subprocess_env(), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True)
-        for i in range(3)
+        for i in range(count)
     ]
     time.sleep(1.0)  # every racer imported and waiting
     go.touch()
@@ -131,7 +137,7 @@ def test_conditional_write_races_between_processes(mirror_url, tmp_path,
     assert len(winners) == 1
     assert store.read_bytes("absent") == winners[0].encode()
     names = json.loads(store.read_bytes("counter"))
-    assert sorted(names) == sorted(f"p{i}" for i in range(3)
+    assert sorted(names) == sorted(f"p{i}" for i in range(count)
                                    for _ in range(rounds))
 
 
