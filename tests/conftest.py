@@ -179,6 +179,19 @@ def file_url(tmp_path, monkeypatch):
     return f"file://{tmp_path}/mirror"
 
 
+@pytest.fixture
+def local_url(tmp_path, monkeypatch):
+    """The URL of a local checkpoint directory's store, as a training run
+    builds it (`LocalStore.of_directory()`, the directory already there):
+    the sixth store of the conformance suite (tests/test_uploaders.py)."""
+    from keras_ckpt.store.local import LocalStore
+
+    _isolate(monkeypatch)
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    return LocalStore.of_directory(directory).url
+
+
 _URL_FIXTURES = {"file": "file_url", "s3": "s3_url",
                  "s3-seaweedfs": "seaweedfs_url", "gs": "gcs_url",
                  "az": "azure_url"}

@@ -106,3 +106,26 @@ def test_every_public_name_resolves_and_unknown_names_raise():
         assert getattr(keras_ckpt, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'Checkpoints'"):
         keras_ckpt.Checkpoints
+
+
+def test_listing_apis_import_no_tensorflow(trained_dir, s3_url,
+                                           subprocess_env):
+    """`keras_ckpt.list_checkpoints()` of a directory and of a mirror, and a
+    store's own listing, import no TensorFlow (the README promises it;
+    list_checkpoints used to live beside restore(), which does)."""
+    keras_ckpt.get_uploader(s3_url).push(trained_dir)
+    script = (
+        "import json, sys\n"
+        "import keras_ckpt\n"
+        "local = keras_ckpt.list_checkpoints(sys.argv[1])\n"
+        "remote = keras_ckpt.list_checkpoints(sys.argv[2])\n"
+        "store = keras_ckpt.get_uploader(sys.argv[2]).list_checkpoints()\n"
+        "print(json.dumps([[i.name for i in x] for x in (local, remote, store)]"
+        " + [sorted(m for m in %r if m in sys.modules)]))\n" % (HEAVY,))
+    result = subprocess.run([sys.executable, "-c", script, trained_dir,
+                             s3_url], capture_output=True, text=True,
+                            env=subprocess_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    local, remote, store, heavy = json.loads(result.stdout.splitlines()[-1])
+    assert local == remote == store == ["ckpt-2", "ckpt-4"]
+    assert heavy == []

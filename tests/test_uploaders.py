@@ -27,6 +27,8 @@ from keras_ckpt.store import register_uploader
 from keras_ckpt.store import registry
 from keras_ckpt.store.local import LocalStore
 
+from conftest import _URL_FIXTURES
+
 MiB = 1024 * 1024
 # Quick failure for tests; the defaults are meant for real networks.
 FAST = dict(retries=2, backoff=0.01, max_backoff=0.05, timeout=10,
@@ -100,6 +102,15 @@ def large_ckpt(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("large"))
     values = write_checkpoint(directory, 7, 5 * MiB, seed=7)
     return types.SimpleNamespace(dir=directory, values=values)
+
+
+@pytest.fixture(params=["local", *_URL_FIXTURES])
+def mirror_url(request):
+    """The conformance suite's stores: the local checkpoint directory
+    (`local`) and every mirror of conftest's `mirror_url`."""
+    fixture = "local_url" if request.param == "local" else (
+        _URL_FIXTURES[request.param])
+    return request.getfixturevalue(fixture)
 
 
 def scheme_of(url):
