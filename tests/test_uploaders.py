@@ -636,3 +636,24 @@ def test_a_store_lacking_a_primitive_cannot_be_built():
         NoConditionalWrites("file:///tmp/x")
     # `Uploader`, the older name, is the same class.
     assert Uploader is Store
+
+
+def test_endpoint_credentials_are_never_echoed(s3_url, monkeypatch):
+    """An S3 endpoint URL with `user:password@` (a MinIO habit) appeared in
+    the hint and in the SDK's cause of a StorageError."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://user:s3cret@127.0.0.1:9")
+    with pytest.raises(StorageError) as error:
+        get_uploader(s3_url, retries=0, timeout=2, check_timeout=2).check()
+    message = str(error.value)
+    assert "s3cret" not in message and "user:" not in message
+    assert "http://***@127.0.0.1:9" in message
+
+
+def test_deeply_nested_upload_options_are_a_clear_error(monkeypatch):
+    """Deeply nested JSON in KERAS_CKPT_UPLOAD_OPTIONS gave an uncaught
+    RecursionError."""
+    nested = '{"a": ' + "[" * 20000 + "]" * 20000 + "}"
+    monkeypatch.setenv("KERAS_CKPT_UPLOAD_OPTIONS", nested)
+    with pytest.raises(ValueError, match="KERAS_CKPT_UPLOAD_OPTIONS: nested "
+                                         "too deeply"):
+        get_uploader("file:///tmp/x")

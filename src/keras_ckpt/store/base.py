@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 import random
+import re
 import tempfile
 import time
 import urllib.parse
@@ -1265,9 +1266,20 @@ def _check_name(name):
         _invalid("name", name, 'a checkpoint name such as "ckpt-120"')
 
 
+_USERINFO_RE = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"']+@")
+
+
+def redact(text):
+    """`text` with the `user:password@` of every URL in it masked: an
+    endpoint URL may carry credentials, and messages and logs never echo
+    them."""
+    return _USERINFO_RE.sub(r"\1***@", str(text))
+
+
 def _summary(exc):
     # The first line: SDK messages can go on with a whole XML/JSON reply.
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line.strip() for line in redact(exc).splitlines()
+             if line.strip()]
     text = lines[0].rstrip(".") if lines else ""
     if len(text) > 300:
         text = text[:297] + "..."

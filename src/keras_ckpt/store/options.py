@@ -462,7 +462,7 @@ def _from_text(cls, name, value):
     if kind is dict and value.lstrip().startswith("{"):
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             _invalid(name, value, 'a JSON object such as {"team": "ml"}')
     if kind in (int, float):
         try:
@@ -529,9 +529,11 @@ def from_environment(environ=None):
     if text.startswith("{"):
         try:
             value = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
+            reason = ("nested too deeply" if isinstance(e, RecursionError)
+                      else str(e))
             raise ValueError(
-                f"Invalid value for environment variable {ENV}: {e}. "
+                f"Invalid value for environment variable {ENV}: {reason}. "
                 'Expected a JSON object or "KEY=VALUE;KEY=VALUE".'
             ) from None
         if not isinstance(value, dict):

@@ -294,7 +294,8 @@ class S3Store(base.Store):
             endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
                 "AWS_ENDPOINT_URL"
             )
-            where = f" (endpoint {endpoint})" if endpoint else ""
+            where = (f" (endpoint {base.redact(endpoint)})" if endpoint
+                     else "")
             return (
                 f"S3{where} kept failing or was unreachable; check the network"
                 " and endpoint, or raise the `retries` / `timeout` options."
@@ -337,3 +338,4 @@ class S3Store(base.Store):
 
 def _code(error):
     return str(error.response.get("Error", {}).get("Code", ""))
+
