@@ -14,13 +14,13 @@ import keras
 
 from keras_ckpt import _args
 from keras_ckpt import _keras_compat as compat
-from keras_ckpt import commit as commit_lib
+from keras_ckpt.engine import commit as commit_lib
 from keras_ckpt import distribute
 from keras_ckpt import manager as manager_lib
-from keras_ckpt import resume as resume_lib
+from keras_ckpt.engine import resume as resume_lib
 from keras_ckpt import sources
-from keras_ckpt import state as state_lib
-from keras_ckpt import writer as writer_lib
+from keras_ckpt.engine import state as state_lib
+from keras_ckpt.engine import writer as writer_lib
 from keras_ckpt._format import human_size
 from keras_ckpt.errors import IncompatibleCheckpointError
 from keras_ckpt.save_stats import SaveStats

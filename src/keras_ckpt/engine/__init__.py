@@ -1,0 +1,1 @@
+"""The engine: what a checkpoint holds, how it is written, when, and resume."""
