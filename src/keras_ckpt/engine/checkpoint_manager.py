@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 import warnings
 
 from keras_ckpt import _args
@@ -52,6 +53,15 @@ PREEMPTED_EXIT_CODE = 143
 FLUSH_QUIET_SECONDS = 2.0
 FLUSH_PROGRESS_EVERY = 10.0
 _FLUSH_POLL_SECONDS = 0.25
+
+
+class Position(typing.NamedTuple):
+    """Where training continues: the global step (batches trained across
+    restarts), the epoch and the batch within it (0-based)."""
+
+    step: int
+    epoch: int
+    batch: int
 
 
 class CheckpointManager:
@@ -80,15 +90,35 @@ class CheckpointManager:
         async_save, when_busy, flush_timeout, on_preemption,
         preemption_grace_seconds, preemption_watch, preemption_poll_interval,
         on_mirror_error, save_on_interrupt: as in `keras_ckpt.Checkpoint`.
-        verbose: 0 or 1. Defaults to 1.
+        verbose: 0 or 1: log each save and what a resume restored.
+            Defaults to 1.
+
+    A custom loop calls `restore_or_initialize()` once (it returns the
+    `Position` to continue from), `step()` after every training step (it
+    saves when `save_policy` says so, in the background, and handles a
+    preemption notice or Ctrl-C), optionally `end_epoch()`, and `close()` at
+    the end (the final checkpoint, flushed). Put the optimizers and a
+    `tf.data` iterator in `state=`: the iterator is saved at its position
+    and restored there.
 
     Example:
 
     ```python
+    optimizer.build(model.trainable_variables)  # its slots exist to restore
+    iterator = iter(dataset)
     manager = keras_ckpt.CheckpointManager(
         "checkpoints", model=model,
-        save_policy=keras_ckpt.SaveEveryNSteps(100),
+        state={"optimizer": optimizer, "data": iterator},
+        save_policy=keras_ckpt.SaveEveryNSteps(500)
+        | keras_ckpt.SaveEveryNSeconds(600),
         keep=keras_ckpt.KeepLast(3))
+    start = manager.restore_or_initialize()
+    for step in range(start.step, total_steps):
+        loss = train_step(*next(iterator))
+        manager.step({"loss": float(loss)})
+        if manager.reached_preemption:  # with on_preemption="stop"
+            break
+    manager.close()
     ```
     """
 
@@ -148,6 +178,8 @@ class CheckpointManager:
                           '"continue" or "raise"')
         if not isinstance(async_save, bool):
             _args.invalid("async_save", async_save, "True or False")
+        if verbose not in (0, 1, 2, True, False):
+            _args.invalid("verbose", verbose, "0 or 1")
 
         paths = sources.resolve_paths(directory, mirror)
         self.platform = paths.platform
@@ -236,11 +268,11 @@ class CheckpointManager:
     # ------------------------------------------------------------------
     # The run
     # ------------------------------------------------------------------
-    def start(self, epoch_iterator=None):
+    def start(self, epoch_iterator=None, fit=True):
         """Starts a run: checks the stores, resumes, installs the handlers.
 
         `epoch_iterator` is `fit`'s running `EpochIterator` (None when
-        there is none).
+        there is none); `fit` is False for a custom loop.
         """
         self._cluster.begin(
             self.model, log=compat.print_msg if self.verbose else None)
@@ -253,7 +285,7 @@ class CheckpointManager:
         self._log_platform()
         if epoch_iterator is not None:
             resume_lib.check_input(self._data.attach(epoch_iterator))
-        self._restore_at_start(epoch_iterator)
+        self._restore_at_start(epoch_iterator, fit)
         self._install_preemption()
         self._install_interrupt()
 
@@ -352,6 +384,94 @@ class CheckpointManager:
         if missing:
             logger.warning("keras_ckpt: %s, or let the next run with this "
                            "mirror upload them.", missing)
+
+    # ------------------------------------------------------------------
+    # A custom training loop
+    # ------------------------------------------------------------------
+    def restore_or_initialize(self):
+        """Starts a custom loop's run: resumes or starts afresh.
+
+        Restores the checkpoint `resume` names (the model, the optimizers,
+        the RNG states and the `state=` objects, a `tf.data` iterator among
+        them positioned at its next batch), checks the stores, takes the
+        writer lease and installs the preemption and Ctrl-C handlers. Build
+        the model and its optimizers first (`optimizer.build(
+        model.trainable_variables)`): a restore only assigns variables that
+        exist.
+
+        Returns:
+            `Position`: the global step, the epoch and the batch within it
+            to continue from (all 0 on a fresh start).
+        """
+        if self.model is None:
+            raise ValueError(
+                "Invalid value for argument `model`: CheckpointManager needs "
+                "the model to save; pass model=... (or set manager.model) "
+                "before restore_or_initialize().")
+        self.reset()
+        self.start(fit=False)
+        self._resume.finish_pending(self.model, self.training_state,
+                                    self._history_epochs, self._history)
+        return self.position
+
+    @property
+    def position(self):
+        """`Position` (step, epoch, batch) of the next step to train."""
+        return Position(self._step, self._epoch, self._batch)
+
+    @property
+    def reached_preemption(self):
+        """A preemption notice came and its checkpoint is committed
+        (`on_preemption="stop"`): the loop should end now."""
+        return self.preempted
+
+    def step(self, logs=None):
+        """Counts one trained step of a custom loop, after its update.
+
+        Saves when `save_policy` says so (in the background with
+        `async_save`: it returns once the state is snapshotted), and handles
+        a preemption notice or a Ctrl-C that came during the step: their
+        checkpoint is committed here, then `on_preemption="exit"` exits with
+        status 143, `"stop"` sets `reached_preemption`, Ctrl-C raises
+        `KeyboardInterrupt`.
+
+        Args:
+            logs: dict or None, the step's metrics, stored with a checkpoint
+                saved now (what `KeepBest` ranks).
+
+        Returns:
+            bool, whether a checkpoint was saved.
+        """
+        self._step += 1
+        self._batch += 1
+        self._since_save += 1
+        if self._policy_says(policies.STEP):
+            self._pending = dict(logs or {})
+        return self._save_at_quiet_point()
+
+    def end_epoch(self, logs=None):
+        """Ends the current epoch of a custom loop (the next `step` is batch
+        0 of the next epoch); saves when `save_policy` says so.
+
+        Returns:
+            bool, whether a checkpoint was saved.
+        """
+        self.epoch_end(self._epoch, dict(logs or {}))
+        return self._save_at_quiet_point()
+
+    def _save_at_quiet_point(self):
+        self._report_saves()  # a loop has no progress bar to keep whole
+        before = self._saved_step
+        self.quiet_point()
+        return self._saved_step == self._step and before != self._step
+
+    def close(self, logs=None):
+        """Commits the final checkpoint, waits for pending writes and
+        uploads, and uninstalls the handlers. Raises a background error."""
+        try:
+            self.finalize(logs)
+        finally:
+            self.end()
 
     # ------------------------------------------------------------------
     # Saving
@@ -503,7 +623,7 @@ class CheckpointManager:
     # ------------------------------------------------------------------
     # Resuming
     # ------------------------------------------------------------------
-    def _restore_at_start(self, epoch_iterator):
+    def _restore_at_start(self, epoch_iterator, fit):
         """Resumes from the checkpoint `resume` names (see resume.py)."""
         found = resume_lib.choose_checkpoint(
             self._cluster, self.resume, self._store, self.uploader,
@@ -522,7 +642,7 @@ class CheckpointManager:
         resume.began = self._resume.began
         self._resume = resume
         resume.restore(self.model, self.training_state, self._data,
-                       epoch_iterator)
+                       epoch_iterator, fit=fit)
         self._epoch, self._batch, self._step = (
             manifest.epoch, manifest.batch, manifest.step)
         self._saved_step = manifest.step
@@ -535,7 +655,7 @@ class CheckpointManager:
             + self.describe_position(manifest.epoch, manifest.batch)
             + (f" (skipping the {manifest.batch} batches of epoch "
                f"{manifest.epoch + 1} already trained)"
-               if manifest.batch else ""))
+               if manifest.batch and fit else ""))
 
     def epoch_batches(self, epoch_iterator, enumerate_epoch):
         """The steps of each epoch that `fit` trains (see `DataPosition`)."""
