@@ -86,10 +86,27 @@ class CheckpointManager:
             ends. Defaults to None.
         keep: keep rule(s) (`KeepLast(3) | KeepBest(1, monitor="val_loss")`)
             or a `RetentionPolicy`. None keeps the newest 3.
-        resume: `True`/`"latest"`, `"best"`, `False`, or a path/URL.
-        async_save, when_busy, flush_timeout, on_preemption,
-        preemption_grace_seconds, preemption_watch, preemption_poll_interval,
-        on_mirror_error, save_on_interrupt: as in `keras_ckpt.Checkpoint`.
+        resume: `True`/`"latest"`, `"best"`, `False`, or a path/URL of a
+            checkpoint or directory to branch from. Defaults to True.
+        async_save: bool, write on a background thread. Defaults to True.
+        when_busy: `"wait"` or `"skip"`: a save while the previous one is
+            still being written. Defaults to `"wait"`.
+        flush_timeout: float or None, seconds `close()` waits for pending
+            writes and uploads. Defaults to None (no limit).
+        on_preemption: `"exit"`, `"stop"` or None. On SIGTERM (or a cloud
+            notice), save at the next step and flush, then exit with status
+            143 (`"exit"`) or set `reached_preemption` (`"stop"`).
+            Defaults to `"exit"`.
+        preemption_grace_seconds: float, the budget from the signal to
+            exit. Defaults to 25.
+        preemption_watch: None, `"auto"` or a tuple of `"gce"`, `"ec2"`,
+            `"azure"`: metadata servers to poll. Defaults to None.
+        preemption_poll_interval: float, seconds between two polls.
+            Defaults to 5.
+        on_mirror_error: `"continue"` or `"raise"` when the mirror fails
+            after its retries. Defaults to `"continue"`.
+        save_on_interrupt: bool, commit a checkpoint on Ctrl-C before
+            raising `KeyboardInterrupt`. Defaults to True.
         verbose: 0 or 1: log each save and what a resume restored.
             Defaults to 1.
 
