@@ -24,7 +24,6 @@ from keras_ckpt.save_stats import TensorBoardScalars
 # `state=`, a resumed run would start them afresh.
 _STATEFUL_CALLBACKS = ("EarlyStopping", "ReduceLROnPlateau",
                        "LearningRateScheduler", "ModelCheckpoint")
-PREEMPTED_EXIT_CODE = engine_lib.PREEMPTED_EXIT_CODE
 # model -> the `Checkpoint` in its current fit(), for `ExportSavedModel`
 # (a registry, so that nothing is set on the user's model).
 _ATTACHED = weakref.WeakKeyDictionary()
