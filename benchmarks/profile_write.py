@@ -60,7 +60,7 @@ def main(argv=None):
     from keras_ckpt import _keras_compat
     from keras_ckpt import manager as manager_lib
     from keras_ckpt import manifest as manifest_lib
-    from keras_ckpt import state as state_lib
+    from keras_ckpt.engine import state as state_lib
 
     model, data = worker.build(spec["width"], spec["layers"], args.batch)
     os.makedirs(args.tmp_dir, exist_ok=True)

@@ -283,7 +283,7 @@ class _Tty(io.StringIO):
 @pytest.mark.parametrize("tty", [False, True])
 def test_long_end_of_fit_flush_says_what_it_waits_for(
         file_url, tmp_path, monkeypatch, tty):
-    from keras_ckpt.callbacks import checkpoint as checkpoint_lib
+    from keras_ckpt.engine import checkpoint_manager as checkpoint_lib
 
     monkeypatch.setattr(checkpoint_lib, "FLUSH_QUIET_SECONDS", 0.5)
     monkeypatch.setattr(checkpoint_lib, "FLUSH_PROGRESS_EVERY", 1.0)
@@ -307,7 +307,7 @@ def test_long_end_of_fit_flush_says_what_it_waits_for(
 
 
 def test_quiet_flush_prints_nothing(file_url, tmp_path, monkeypatch, capsys):
-    from keras_ckpt.callbacks import checkpoint as checkpoint_lib
+    from keras_ckpt.engine import checkpoint_manager as checkpoint_lib
 
     monkeypatch.setattr(checkpoint_lib, "FLUSH_QUIET_SECONDS", 0.1)
     fit_through_slow_link(file_url, tmp_path, monkeypatch, 1.0, verbose=0)

@@ -25,7 +25,7 @@ from keras_ckpt import _keras_compat
 from keras_ckpt import bundle
 from keras_ckpt import manager as manager_lib
 from keras_ckpt import manifest as manifest_lib
-from keras_ckpt import state as state_lib
+from keras_ckpt.engine import state as state_lib
 
 BUNDLE = settings(deadline=None, derandomize=True, database=None,
                   suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import keras_ckpt
 from keras_ckpt import manifest as manifest_lib
+from keras_ckpt.engine import state as state_lib
 
 
 def make_model(units=8, seed=0, lr=0.01):
@@ -192,7 +193,7 @@ def test_snapshot_is_consistent_while_training_continues(tmp_path):
     model = make_model(units=32)
     x, y = make_data()
     model.fit(x, y, epochs=1, verbose=0)
-    training_state = keras_ckpt.state.TrainingState(model)
+    training_state = state_lib.TrainingState(model)
     snap = training_state.snapshot()
     expected = {g: [np.array(t) for t in ts] for g, ts in snap.tensors.items()}
     model.fit(x, y, epochs=1, verbose=0)  # updates every variable

@@ -206,7 +206,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
-from keras_ckpt import state as state_lib
+from keras_ckpt.engine import state as state_lib
 from keras_ckpt import _keras_compat as compat
 keras.utils.set_random_seed(0)
 with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import keras_ckpt
-from keras_ckpt import state as state_lib
+from keras_ckpt.engine import state as state_lib
 from keras_ckpt.callbacks import checkpoint as checkpoint_lib
 
 _spec = importlib.util.spec_from_file_location(

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 import keras_ckpt
 from keras_ckpt import cli
 from keras_ckpt import manifest as manifest_lib
-from keras_ckpt import resume as resume_lib
+from keras_ckpt.engine import resume as resume_lib
 from keras_ckpt.errors import KerasCkptError
 from keras_ckpt.manager import LocalCheckpoints
 from keras_ckpt.manager import RetentionPolicy

@@ -13,6 +13,13 @@ __version__ = "0.1.0"
 if typing.TYPE_CHECKING:  # for type checkers, IDEs and the API reference
     from keras_ckpt.callbacks.checkpoint import Checkpoint
     from keras_ckpt.callbacks.export import ExportSavedModel
+    from keras_ckpt.engine.checkpoint_manager import CheckpointManager
+    from keras_ckpt.engine.policies import KeepBest
+    from keras_ckpt.engine.policies import KeepEveryNHours
+    from keras_ckpt.engine.policies import KeepLast
+    from keras_ckpt.engine.policies import SaveAtEpochEnd
+    from keras_ckpt.engine.policies import SaveEveryNSeconds
+    from keras_ckpt.engine.policies import SaveEveryNSteps
     from keras_ckpt.errors import CheckpointNotFoundError
     from keras_ckpt.errors import CheckpointWriteError
     from keras_ckpt.errors import ConcurrentWriterError
@@ -41,6 +48,7 @@ if typing.TYPE_CHECKING:  # for type checkers, IDEs and the API reference
 _EXPORTS = {
     "Checkpoint": "keras_ckpt.callbacks.checkpoint",
     "CheckpointInfo": "keras_ckpt.manifest",
+    "CheckpointManager": "keras_ckpt.engine.checkpoint_manager",
     "CheckpointNotFoundError": "keras_ckpt.errors",
     "CheckpointWriteError": "keras_ckpt.errors",
     "ConcurrentWriterError": "keras_ckpt.errors",
@@ -49,9 +57,15 @@ _EXPORTS = {
     "ExportSavedModel": "keras_ckpt.callbacks.export",
     "IncompatibleCheckpointError": "keras_ckpt.errors",
     "InvalidManifestError": "keras_ckpt.errors",
+    "KeepBest": "keras_ckpt.engine.policies",
+    "KeepEveryNHours": "keras_ckpt.engine.policies",
+    "KeepLast": "keras_ckpt.engine.policies",
     "KerasCkptError": "keras_ckpt.errors",
     "MissingDependencyError": "keras_ckpt.errors",
     "Platform": "keras_ckpt.platforms",
+    "SaveAtEpochEnd": "keras_ckpt.engine.policies",
+    "SaveEveryNSeconds": "keras_ckpt.engine.policies",
+    "SaveEveryNSteps": "keras_ckpt.engine.policies",
     "StorageError": "keras_ckpt.errors",
     "Store": "keras_ckpt.store",
     "Uploader": "keras_ckpt.store",
@@ -67,6 +81,7 @@ _EXPORTS = {
 __all__ = [
     "Checkpoint",
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "ConcurrentWriterError",
@@ -75,9 +90,15 @@ __all__ = [
     "ExportSavedModel",
     "IncompatibleCheckpointError",
     "InvalidManifestError",
+    "KeepBest",
+    "KeepEveryNHours",
+    "KeepLast",
     "KerasCkptError",
     "MissingDependencyError",
     "Platform",
+    "SaveAtEpochEnd",
+    "SaveEveryNSeconds",
+    "SaveEveryNSteps",
     "StorageError",
     "Store",
     "Uploader",

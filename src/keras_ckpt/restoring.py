@@ -6,7 +6,7 @@ from keras_ckpt import _keras_compat as compat
 from keras_ckpt import manager as manager_lib
 from keras_ckpt import manifest as manifest_lib
 from keras_ckpt import sources
-from keras_ckpt import state as state_lib
+from keras_ckpt.engine import state as state_lib
 from keras_ckpt.errors import IncompatibleCheckpointError
 
 

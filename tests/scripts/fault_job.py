@@ -50,7 +50,8 @@ def main():
     assert kill is None or kill in KILL_STEPS, kill
 
     import keras_ckpt.store as uploaders
-    from keras_ckpt import commit, manager
+    from keras_ckpt import manager
+    from keras_ckpt.engine import commit
     from keras_ckpt.store import base
 
     if mirror_options:

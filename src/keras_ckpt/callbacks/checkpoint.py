@@ -1,12 +1,13 @@
-"""`keras_ckpt.Checkpoint`: save everything, resume exactly."""
+"""`keras_ckpt.Checkpoint`: the Keras face of the engine.
 
-import collections
-import logging
-import os
-import signal
-import sys
-import threading
-import time
+Every hook of `fit` becomes a call of a `keras_ckpt.CheckpointManager`
+(engine/checkpoint_manager.py), which saves, commits, resumes and handles
+preemption. What stays here is what only `fit` has: its arguments, its
+running `EpochIterator`, the callbacks in its list (those in `state=` and
+the loggers, whose hooks are wrapped so that a resume continues them), and
+`stop_training`.
+"""
+
 import warnings
 import weakref
 
@@ -14,26 +15,15 @@ import keras
 
 from keras_ckpt import _args
 from keras_ckpt import _keras_compat as compat
-from keras_ckpt import commit as commit_lib
-from keras_ckpt import distribute
 from keras_ckpt import manager as manager_lib
-from keras_ckpt import resume as resume_lib
-from keras_ckpt import sources
-from keras_ckpt import state as state_lib
-from keras_ckpt import writer as writer_lib
-from keras_ckpt._format import human_size
-from keras_ckpt.errors import IncompatibleCheckpointError
-from keras_ckpt.save_stats import SaveStats
+from keras_ckpt.engine import checkpoint_manager as engine_lib
+from keras_ckpt.engine import policies
 from keras_ckpt.save_stats import TensorBoardScalars
 
-logger = logging.getLogger("keras_ckpt")
-
-_PREEMPTION = ("exit", "stop", None)
 # Keras callbacks whose state decides what training does next; left out of
 # `state=`, a resumed run would start them afresh.
 _STATEFUL_CALLBACKS = ("EarlyStopping", "ReduceLROnPlateau",
                        "LearningRateScheduler", "ModelCheckpoint")
-PREEMPTED_EXIT_CODE = 143
 # model -> the `Checkpoint` in its current fit(), for `ExportSavedModel`
 # (a registry, so that nothing is set on the user's model).
 _ATTACHED = weakref.WeakKeyDictionary()
@@ -196,139 +186,97 @@ class Checkpoint(compat.Callback):
     ):
         super().__init__()
         _check_save_freq(save_freq)
-        _check_optional_positive("save_every_seconds", save_every_seconds)
-        _check_optional_positive("keep_every_n_hours", keep_every_n_hours)
-        _check_optional_positive("flush_timeout", flush_timeout)
-        if preemption_grace_seconds is None:
-            _invalid("preemption_grace_seconds", None, "a positive number")
-        _check_optional_positive(
-            "preemption_grace_seconds", preemption_grace_seconds
-        )
+        engine_lib.check_optional_positive(
+            "save_every_seconds", save_every_seconds)
+        engine_lib.check_optional_positive(
+            "keep_every_n_hours", keep_every_n_hours)
         if max_to_keep is not None and (
-            not _is_int(max_to_keep) or max_to_keep < 1
+            not _args.is_int(max_to_keep) or max_to_keep < 1
         ):
-            _invalid("max_to_keep", max_to_keep, "a positive int or None")
-        if not _is_int(keep_best) or keep_best < 0:
-            _invalid("keep_best", keep_best, "a non-negative int")
+            _args.invalid("max_to_keep", max_to_keep, "a positive int or None")
+        if not _args.is_int(keep_best) or keep_best < 0:
+            _args.invalid("keep_best", keep_best, "a non-negative int")
         _args.check_choice("mode", mode, ("auto", "min", "max"))
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
-            _invalid("monitor", monitor, "a metric name such as 'val_loss'")
-        _check_resume(resume)
-        if resume == "best" and monitor is None:
-            raise ValueError(
-                'Invalid value for argument `resume`. resume="best" needs '
-                "`monitor` (e.g. monitor='val_loss')."
-            )
-        _args.check_choice("when_busy", when_busy, writer_lib.WHEN_BUSY)
-        _args.check_choice("on_preemption", on_preemption, _PREEMPTION)
+            _args.invalid("monitor", monitor,
+                          "a metric name such as 'val_loss'")
         if save_on_epoch_end is not None and not isinstance(
                 save_on_epoch_end, bool):
-            _invalid("save_on_epoch_end", save_on_epoch_end,
-                     "True, False or None")
-        if not isinstance(save_on_interrupt, bool):
-            _invalid("save_on_interrupt", save_on_interrupt, "True or False")
-        _check_optional_positive(
-            "preemption_poll_interval", preemption_poll_interval)
-        if preemption_watch is not None:
-            from keras_ckpt.preemption import validate_watch
-
-            validate_watch(preemption_watch, "preemption_watch")
-        if on_mirror_error not in commit_lib.ON_MIRROR_ERROR:
-            _invalid("on_mirror_error", on_mirror_error,
-                     '"continue" or "raise"')
+            _args.invalid("save_on_epoch_end", save_on_epoch_end,
+                          "True, False or None")
         if verbose != "auto" and verbose not in (0, 1, 2, True, False):
-            _invalid("verbose", verbose, '"auto", 0 or 1')
-        if not isinstance(async_save, bool):
-            _invalid("async_save", async_save, "True or False")
-
-        paths = sources.resolve_paths(directory, mirror)
-        self.platform = paths.platform
-        self.directory = paths.directory
-        self.uploader = paths.uploader
-        sources.check_local_directory(self.directory, argument="directory")
-
-        self.save_freq = save_freq
-        self.save_every_seconds = save_every_seconds
+            _args.invalid("verbose", verbose, '"auto", 0 or 1')
         if save_on_epoch_end is None:
             save_on_epoch_end = monitor is not None
+        self.save_freq = save_freq
+        self.save_every_seconds = save_every_seconds
         self.save_on_epoch_end = save_on_epoch_end
-        self.save_on_interrupt = save_on_interrupt
         self.monitor = monitor
         self.mode = manager_lib.resolve_mode(monitor, mode)
-        self.retention = manager_lib.RetentionPolicy(
-            max_to_keep=max_to_keep,
-            keep_every_n_hours=keep_every_n_hours,
-            monitor=monitor,
-            mode=self.mode,
-            keep_best=keep_best if monitor is not None else 0,
-        )
-        self.resume = resume
-        self.async_save = async_save
-        self.when_busy = when_busy
-        self.flush_timeout = flush_timeout
-        self.on_preemption = on_preemption
-        self.preemption_grace_seconds = float(preemption_grace_seconds)
-        self.preemption_watch = preemption_watch
-        self.preemption_poll_interval = preemption_poll_interval
         self._verbose_arg = verbose
-        self.verbose = 1 if verbose == "auto" else int(verbose)
-        self.stats = []
-        self._tensorboard = None
-        self._entries = state_lib.parse_state_argument(state)
-        self.on_mirror_error = on_mirror_error
-        self._store = manager_lib.LocalCheckpoints(self.directory)
-        self._committer = commit_lib.Committer(
-            self._store, self.uploader, self.retention, on_mirror_error)
-        self._writer = writer_lib.BackgroundWriter()
-        self._cluster = distribute.Cluster(self.platform)
+        self.manager = engine_lib.CheckpointManager(
+            directory, mirror, state=state,
+            save_policy=_save_policy(save_freq, save_every_seconds,
+                                     save_on_epoch_end),
+            keep=manager_lib.RetentionPolicy(
+                max_to_keep=max_to_keep,
+                keep_every_n_hours=keep_every_n_hours,
+                monitor=monitor,
+                mode=self.mode,
+                keep_best=keep_best if monitor is not None else 0,
+            ),
+            resume=resume, async_save=async_save, when_busy=when_busy,
+            flush_timeout=flush_timeout, on_preemption=on_preemption,
+            preemption_grace_seconds=preemption_grace_seconds,
+            preemption_watch=preemption_watch,
+            preemption_poll_interval=preemption_poll_interval,
+            on_mirror_error=on_mirror_error,
+            save_on_interrupt=save_on_interrupt,
+            verbose=1 if verbose == "auto" else int(verbose),
+        )
+        self.manager.before_save = self._flush_loggers
+        self.manager.on_abort = self._end_fit
+        self.manager.stop_training = self._stop_training
         self._patched = {}
         self._fit_iterator = None  # the EpochIterator of the running fit
-        self.preempted = False
-        self.restored = None  # CheckpointInfo of the checkpoint resumed from
-        self.last_saved = None  # Manifest of the newest committed checkpoint
-        self._reset_run_state()
 
-    # ------------------------------------------------------------------
-    # Run state
-    # ------------------------------------------------------------------
-    def _reset_run_state(self):
-        self._metadata = None  # sources.metadata(model), once per fit
-        self._epoch = 0
-        self._batch = 0  # batches of self._epoch already trained
-        self._step = 0  # global batch count
-        self._since_save = 0
-        self._last_save_time = time.monotonic()
-        self._pending = None  # logs of a requested save, taken at a quiet point
-        self._saved_step = None
-        self._history = {}
-        self._history_epochs = []
-        self._preemption = None
-        self._ended_epoch = None
-        self._finalized = False
-        self._monitor_checked = False
-        self._interrupt = None  # the SIGINT handler while fit runs
-        self._interrupted = False
-        self._reports = collections.deque()  # finished saves, to log
-        self._data = state_lib.DataPosition()
-        # What this fit resumed (empty for a fresh start) and what of it is
-        # still to apply: see resume.py.
-        self._resume = resume_lib.Resume(log=self._print)
+    # What the manager holds, under the callback's names of before the
+    # engine existed.
+    directory = property(lambda self: self.manager.directory)
+    uploader = property(lambda self: self.manager.uploader)
+    platform = property(lambda self: self.manager.platform)
+    retention = property(lambda self: self.manager.retention)
+    verbose = property(lambda self: self.manager.verbose)
+    stats = property(lambda self: self.manager.stats)
+    preempted = property(lambda self: self.manager.preempted)
+    restored = property(lambda self: self.manager.restored)
+    last_saved = property(lambda self: self.manager.last_saved)
+    _store = property(lambda self: self.manager._store)
+    _writer = property(lambda self: self.manager._writer)
+    _committer = property(lambda self: self.manager._committer)
+    _step = property(lambda self: self.manager._step)
+    _saved_step = property(lambda self: self.manager._saved_step)
 
     @property
-    def _training_state(self):
-        return state_lib.TrainingState(self.model, self._entries)
+    def _save(self):
+        return self.manager._save_now
+
+    @_save.setter
+    def _save(self, save):  # a probe wrapping the engine's save
+        self.manager._save_now = save
 
     # ------------------------------------------------------------------
     # Keras hooks
     # ------------------------------------------------------------------
     def set_model(self, model):
         super().set_model(model)
+        self.manager.model = model
         _ATTACHED[model] = self  # found by ExportSavedModel
         # Callbacks in `state=` reset themselves in their own
         # `on_train_begin`; re-apply the restored state right after it, and
         # mute their batch hooks while the interrupted epoch's already-trained
         # batches are skipped.
-        for entry in self._entries:
+        for entry in self.manager.entries:
             if entry.is_callback and entry.name not in self._patched:
                 self._patch_callback(entry)
         # TensorBoard and CSVLogger in fit's list continue their records.
@@ -350,117 +298,51 @@ class Checkpoint(compat.Callback):
         if epoch_iterator is not None and epoch_iterator is self._fit_iterator:
             return
         self._fit_iterator = epoch_iterator
-        self._reset_run_state()
-        self.preempted = False
-        self.stats = []
+        manager = self.manager
+        manager.reset()
+        params = self.params or {}
         if self._verbose_arg == "auto":
-            self.verbose = 0 if (self.params or {}).get("verbose") == 0 else 1
+            manager.verbose = 0 if params.get("verbose") == 0 else 1
+        manager.epochs = params.get("epochs")
+        manager.progress_bar = params.get("verbose") == 1
         siblings = compat.sibling_callbacks(self)
         self._check_stateful_siblings(siblings)
-        self._tensorboard = next(
+        manager.stats_writer = next(
             (TensorBoardScalars(c) for c in siblings
              if _is_a(c, ("TensorBoard",)) and hasattr(c, "log_dir")), None)
-        self._cluster.begin(
-            self.model, log=compat.print_msg if self.verbose else None)
-        self._writer.check_for_errors()
-        if self.uploader is not None:
-            self.uploader.check()
-        if self._cluster.writes:
-            self._store.ensure_directory()
-            self._committer.begin()
-        self._log_platform()
+        manager.start(epoch_iterator)
         if epoch_iterator is not None:
-            resume_lib.check_input(self._data.attach(epoch_iterator))
-        self._restore_at_start()
-        if epoch_iterator is not None:
-            compat.wrap_epoch_batches(epoch_iterator, self._epoch_batches)
-        self._install_preemption()
-        self._install_interrupt()
+            compat.wrap_epoch_batches(
+                epoch_iterator, lambda enumerate_epoch: manager.epoch_batches(
+                    epoch_iterator, enumerate_epoch))
 
     def on_epoch_begin(self, epoch, logs=None):
         # Keras' progress bar of the last epoch is finished and the next one
         # not started: the one place a line does not break it.
-        self._report_saves()
-        self._epoch = epoch
-        self._batch = 0 if self._resume.skip_until is None else self._batch
-        self._data.on_epoch_begin()
-        # Callbacks that are not in fit's list never ran on_train_begin.
-        self._resume.finish_pending(self.model, self._training_state,
-                                    self._history_epochs, self._history)
-        self._resume.on_epoch_begin()
-        self._quiet_point()
+        self.manager.epoch_begin(epoch)
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self._resume.hides(batch):
-            return
-        self._quiet_point()
+        self.manager.batch_begin(batch)
 
     def on_train_batch_end(self, batch, logs=None):
-        done = batch + 1
-        if done <= self._batch:
-            return  # a batch skipped on resume: trained before the restart
-        self._step += done - self._batch
-        self._since_save += done - self._batch
-        self._batch = done
-        self._resume.trained()
-        if isinstance(self.save_freq, int) and self._since_save >= self.save_freq:
-            self._pending = dict(logs or {})
-        elif self._time_to_save():
-            self._pending = dict(logs or {})
+        self.manager.batch_end(batch, logs)
 
     def on_epoch_end(self, epoch, logs=None):
         # Keep a reference, not a copy: callbacks after this one add to the
         # same dict (ReduceLROnPlateau adds `learning_rate`). Both the history
         # and a save are taken at the next quiet point, once every callback
         # has seen this epoch's end (and may have changed the LR).
-        logs = logs if logs is not None else {}
-        self._resume.trained()
-        self._epoch = epoch + 1
-        self._batch = 0
-        if self.preempted:
-            return
-        self._ended_epoch = (epoch, logs)
-        if self.save_freq == "epoch" or self.save_on_epoch_end or (
-            self._pending is not None
-        ) or self._time_to_save():
-            self._pending = logs
-
-    def _record_epoch(self):
-        if self._ended_epoch is None:
-            return
-        epoch, logs = self._ended_epoch
-        self._ended_epoch = None
-        self._history_epochs.append(epoch)
-        for key, value in logs.items():
-            self._history.setdefault(key, []).append(_to_float(value))
+        self.manager.epoch_end(epoch, logs if logs is not None else {})
 
     def on_train_end(self, logs=None):
         try:
             self.finalize(logs)
         finally:
             self._end_fit()
-        if self._interrupted:
+        if self.manager.interrupted:
             # Ctrl-C after the last batch (e.g. during validation): the final
             # checkpoint is committed; the interrupt still stops the program.
             raise KeyboardInterrupt
-
-    def _end_fit(self):
-        """Undoes what `on_train_begin` installed; also after Ctrl-C."""
-        try:
-            self._report_saves()
-        finally:
-            self._uninstall_interrupt()
-            if self._tensorboard is not None:
-                self._tensorboard.close()
-            self._uninstall_preemption()
-            self._unpatch_callbacks()
-            self._resume.undo(self.model)
-            if self._fit_iterator is not None:
-                compat.unwrap_epoch_batches(self._fit_iterator)
-                self._fit_iterator = None
-            self._data = state_lib.DataPosition()  # drops the iterators
-            self._cluster.end(
-                getattr(self.last_saved, "name", None), self.flush_timeout)
 
     def finalize(self, logs=None):
         """Commits the final checkpoint and waits for pending writes.
@@ -468,278 +350,34 @@ class Checkpoint(compat.Callback):
         Called by `on_train_end`, and earlier by `ExportSavedModel` when it
         comes first in the callback list. Does nothing the second time.
         """
-        if self._finalized:
-            return
-        self._finalized = True
-        self._resume.finish_pending(self.model, self._training_state,
-                                    self._history_epochs, self._history)
-        self._record_epoch()
-        if not self.preempted:
-            final_logs = self._pending if self._pending is not None else (
-                dict(logs or {})
-            )
-            if self._step != self._saved_step:
-                self._save(final_logs, when_busy="wait")
-        self._check_monitor_logged()
-        self._flush(self.flush_timeout)
-        self._warn_unmirrored()
-        self._report_saves()
+        self.manager.finalize(logs)
 
-    def _warn_unmirrored(self):
-        """Names the committed checkpoints the mirror lacks (saved while it
-        failed, or whose upload a preemption checkpoint superseded)."""
-        missing = self._committer.describe_unmirrored()
-        if missing:
-            logger.warning("keras_ckpt: %s, or let the next run with this "
-                           "mirror upload them.", missing)
+    def wait_until_finished(self, timeout=None):
+        """Waits for pending writes and uploads; raises their errors."""
+        self.manager.wait_until_finished(timeout)
 
-    # ------------------------------------------------------------------
-    # Saving
-    # ------------------------------------------------------------------
-    def _time_to_save(self):
-        return (
-            self.save_every_seconds is not None
-            and time.monotonic() - self._last_save_time
-            >= self.save_every_seconds
-        )
-
-    def _quiet_point(self):
-        """A point where no callback is mid-update: save, check, preempt."""
-        self._writer.check_for_errors()
-        self._check_monitor_logged()
-        self._record_epoch()
-        if self._interrupted:
-            self._handle_interrupt()
-        if self._preemption is not None and self._cluster.preemption_due(
-            self._preemption, self._step
-        ):
-            self._handle_preemption()
-            return
-        if self._pending is not None:
-            self._flush_loggers()
-            self._save(self._pending)
-
-    def _save(self, logs, synchronous=False, when_busy=None):
-        self._pending = None
-        self._since_save = 0
-        self._last_save_time = time.monotonic()
-        if self._step == self._saved_step:
-            return
-        if not self._cluster.writes:  # only the chief writes checkpoints
-            self._saved_step = self._step
-            return
-        requested = time.perf_counter()
-        report = {}  # filled by the job, logged on the training thread
-        data = self._data.get_state(self._batch)
-        snapshot = self._training_state.snapshot(
-            extra=None if data is None else {state_lib.DATA_POSITION: data})
-        position = dict(step=self._step, epoch=self._epoch, batch=self._batch)
-        history = {"epochs": list(self._history_epochs),
-                   "logs": {k: list(v) for k, v in self._history.items()}}
-        if self._metadata is None:  # the model's config: once per fit
-            self._metadata = sources.metadata(self.model)
-        metadata = self._metadata
-        self._saved_step = self._step
-
-        def job():
-            try:
-                manifest, mirrored = self._committer.save(
-                    snapshot, metrics=logs, history=history,
-                    metadata=metadata, **position,
-                )
-                self.last_saved = manifest
-                timings = self._committer.last_timings
-                report.update(manifest=manifest, write=timings["write"],
-                              mirrored=mirrored)
-                if mirrored:
-                    report.update(upload=timings["upload"],
-                                  lag=time.perf_counter() - requested)
-            finally:  # a failed save is raised by check_for_errors
-                report["done"] = True
-
-        if self.async_save and not synchronous:
-            if not self._writer.submit(job, when_busy=when_busy or self.when_busy):
-                self._saved_step = None
-                self._log(
-                    f"keras_ckpt: skipped the save at step {self._step}: "
-                    "the previous checkpoint is still being written.",
-                    mid_epoch=True)
-                return
-        else:
-            self._writer.wait_until_finished(self.flush_timeout)
-            job()
-        report["blocking"] = time.perf_counter() - requested
-        self._reports.append(report)
-
-    def _report_saves(self):
-        """Logs the saves finished since the last call, records their cost
-        in `stats` and writes it to TensorBoard (on the training thread)."""
-        records = []
-        while self._reports and self._reports[0].get("done"):
-            report = self._reports.popleft()
-            if "manifest" not in report or "blocking" not in report:
-                continue
-            manifest = report["manifest"]
-            record = SaveStats(
-                name=manifest.name, step=manifest.step, epoch=manifest.epoch,
-                batch=manifest.batch, bytes=manifest.total_bytes,
-                blocking_seconds=report["blocking"],
-                write_seconds=report["write"],
-                upload_seconds=report.get("upload"),
-                mirror_lag_seconds=report.get("lag"),
-            )
-            records.append(record)
-            where = (f" and {self.uploader.url}" if report.get("mirrored")
-                     else "")
-            self._log(
-                f"keras_ckpt: saved {manifest.name} "
-                f"({self._describe_position(manifest.epoch, manifest.batch)}, "
-                f"{human_size(manifest.total_bytes)}) to {self.directory}"
-                f"{where} in {report['write'] + report.get('upload', 0):.2f} s"
-            )
-        self.stats.extend(records)
-        if self._tensorboard is not None:
-            self._tensorboard.write(records)
-
-    def _describe_position(self, epoch, batch):
-        """Keras' 1-based epoch numbers: "end of epoch 8/8", "epoch 3/8,
-        batch 20"."""
-        epochs = (self.params or {}).get("epochs")
-        total = f"/{epochs}" if epochs else ""
-        if batch == 0 and epoch > 0:
-            return f"end of epoch {epoch}{total}"
-        return f"epoch {epoch + 1}{total}, batch {batch}"
-
-    def _log(self, message, mid_epoch=False):
-        """Prints `message` on a line of its own; `mid_epoch` ends Keras'
-        progress bar line first, when there is one (fit(verbose=1))."""
-        if self.verbose:
-            bar = mid_epoch and (self.params or {}).get("verbose") == 1
-            compat.print_msg(("\n" if bar else "") + message)
-
-    def _check_monitor_logged(self):
-        """Keras' warning for a `monitor` missing from the first epoch's logs."""
-        if self.monitor is None or self._monitor_checked:
-            return
-        logs = self._ended_epoch[1] if self._ended_epoch else None
-        if logs is None:
-            return
-        self._monitor_checked = True
-        if self.monitor in logs:
-            return
-        suggestion = _args.suggestion(self.monitor, list(logs))
-        warnings.warn(
-            f"keras_ckpt.Checkpoint ranks checkpoints by metric "
-            f"`{self.monitor}` which is not available. {suggestion}"
-            f"Available metrics are: {','.join(logs)}. keep_best and "
-            f'resume="best" will find no checkpoint that logged it.',
-            stacklevel=2,
-        )
-
-    def _check_stateful_siblings(self, siblings):
-        saved = {id(entry.obj) for entry in self._entries}
-        missing = [c for c in siblings if _is_a(c, _STATEFUL_CALLBACKS)
-                   and id(c) not in saved]
-        if missing:
-            names = ", ".join(type(c).__name__ for c in missing)
-            example = ", ".join(
-                f'"{type(c).__name__.lower()}": ...' for c in missing)
-            warnings.warn(
-                f"keras_ckpt.Checkpoint: {names} in fit()'s callbacks is not "
-                "in `state=`, so a resumed run restarts it from scratch "
-                "(patience, cooldown, best value). Pass it in `state=` "
-                f"(state={{{example}}}) to resume it exactly.",
-                stacklevel=2,
-            )
-
-    # ------------------------------------------------------------------
-    # Ctrl-C
-    # ------------------------------------------------------------------
-    def _install_interrupt(self):
-        if not self.save_on_interrupt or (
-            threading.current_thread() is not threading.main_thread()
-        ) or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return  # only Python's own handler is ours to wrap
-
-        def on_sigint(signum, frame):
-            # A second Ctrl-C interrupts at once, as usual.
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self._interrupted = True
-            sys.stderr.write(
-                "\nkeras_ckpt: interrupted; saving the current batch before "
-                "stopping (press Ctrl-C again to stop without saving).\n")
-
-        self._interrupt = on_sigint
-        signal.signal(signal.SIGINT, on_sigint)
-
-    def _uninstall_interrupt(self):
-        if self._interrupt is not None:
-            if signal.getsignal(signal.SIGINT) is self._interrupt:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-            self._interrupt = None
-
-    def _handle_interrupt(self):
-        """Commits the current batch, then lets the interrupt propagate."""
-        self._interrupted = False
-        self._uninstall_interrupt()
+    def _end_fit(self):
+        """Undoes what `on_train_begin` installed; also after Ctrl-C."""
         try:
-            if self._step != self._saved_step:
-                self._save(self._pending or {}, synchronous=True)
-            self._writer.wait_until_finished(self.flush_timeout)
-            if self.last_saved is not None:
-                self._log(  # the bar was ended by the SIGINT message
-                    f"keras_ckpt: committed {self.last_saved.name} "
-                    f"({self._describe_position(self._epoch, self._batch)}) "
-                    "before the interrupt; fit() resumes from it.")
+            self.manager.end()
         finally:
-            self._end_fit()
-        raise KeyboardInterrupt
+            self._unpatch_callbacks()
+            if self._fit_iterator is not None:
+                compat.unwrap_epoch_batches(self._fit_iterator)
+                self._fit_iterator = None
 
-    # ------------------------------------------------------------------
-    # Resuming
-    # ------------------------------------------------------------------
-    def _restore_at_start(self):
-        """Resumes from the checkpoint `resume` names (see resume.py)."""
-        found = resume_lib.choose_checkpoint(
-            self._cluster, self.resume, self._store, self.uploader,
-            self.retention)
-        if found is None:
-            if self.resume is not False:
-                self._print(
-                    f"keras_ckpt: no checkpoint to resume from in "
-                    f"{self.directory}; starting from scratch.")
-            return
-        manifest = found.manifest
-        note = resume_lib.branch_note(self._store, manifest)
-        if note and self._cluster.writes:
-            self._print(note)
-        resume = resume_lib.Resume(found, log=self._print)
-        resume.began = self._resume.began
-        self._resume = resume
-        resume.restore(self.model, self._training_state, self._data,
-                       self._fit_iterator)
-        self._epoch, self._batch, self._step = (
-            manifest.epoch, manifest.batch, manifest.step)
-        self._saved_step = manifest.step
-        history = manifest.history or {}
-        self._history_epochs = list(history.get("epochs", []))
-        self._history = {k: list(v) for k, v in history.get("logs", {}).items()}
-        self.restored = sources.info(manifest, found.store, found.origin)
-        self._print(
-            f"keras_ckpt: resumed from {found.origin}: step {manifest.step}, "
-            + self._describe_position(manifest.epoch, manifest.batch)
-            + (f" (skipping the {manifest.batch} batches of epoch "
-               f"{manifest.epoch + 1} already trained)"
-               if manifest.batch else ""))
+    def _stop_training(self):
+        """on_preemption="stop": ends fit without training the batch that is
+        about to run, so the model in memory is exactly the checkpoint just
+        committed."""
+        model = self.model
+        model.stop_training = True
 
-    def _epoch_batches(self, enumerate_epoch):
-        return self._resume.epoch_batches(
-            self.model, self._training_state, self._data, self._fit_iterator,
-            enumerate_epoch)
+        def skip_once(iterator):
+            compat.replace_train_function(model, original)
+            return model.get_metrics_result()
 
-    def _print(self, message):
-        if self.verbose:
-            compat.print_msg(message)
+        original = compat.replace_train_function(model, skip_once)
 
     # ------------------------------------------------------------------
     # Patching of the callbacks passed in `state=`
@@ -757,15 +395,16 @@ class Checkpoint(compat.Callback):
 
         def on_train_begin(logs=None):
             bound_begin(logs)
-            self._resume.began.add(entry.name)
-            self._resume.apply_values(self._training_state, {entry.name})
+            resumed = self.manager.resumed
+            resumed.began.add(entry.name)
+            resumed.apply_values(self.manager.training_state, {entry.name})
 
         def on_train_batch_begin(batch, logs=None):
-            if not self._resume.hides(batch):
+            if not self.manager.resumed.hides(batch):
                 bound_batch_begin(batch, logs)
 
         def on_train_batch_end(batch, logs=None):
-            if not self._resume.hides(batch):
+            if not self.manager.resumed.hides(batch):
                 bound_batch_end(batch, logs)
 
         obj.on_train_begin = on_train_begin
@@ -787,7 +426,7 @@ class Checkpoint(compat.Callback):
 
         def on_train_begin(logs=None):
             self._begin_fit()
-            resumed = self._resume.manifest
+            resumed = self.manager.resumed.manifest
             if resumed is None:
                 return bound(logs)
             if isinstance(callback, keras.callbacks.CSVLogger):
@@ -820,144 +459,35 @@ class Checkpoint(compat.Callback):
                     setattr(obj, name, original)
         self._patched = {}
 
-    # ------------------------------------------------------------------
-    # Preemption
-    # ------------------------------------------------------------------
-    def _install_preemption(self):
-        if self.on_preemption is None:
-            return
-        from keras_ckpt import preemption
-
-        self._preemption = preemption.PreemptionHandler(
-            grace_seconds=self.preemption_grace_seconds,
-            watch=self.preemption_watch,
-            poll_interval=self.preemption_poll_interval or 5.0,
-            exit_code_at_deadline=(
-                PREEMPTED_EXIT_CODE if self.on_preemption == "exit" else None),
-            describe_unfinished=self._committer.describe_unmirrored,
-        )
-        self._preemption.install()
-
-    def _uninstall_preemption(self):
-        if self._preemption is not None:
-            self._preemption.uninstall()
-            self._preemption = None
-
-    def _handle_preemption(self):
-        handler = self._preemption
-        start = time.monotonic()
-        self._log(
-            f"keras_ckpt: preemption notice ({handler.reason}); saving at "
-            f"{self._describe_position(self._epoch, self._batch)} with "
-            f"{handler.remaining():.0f} s left.", mid_epoch=True)
-        # The checkpoint about to be saved supersedes the one in flight: its
-        # upload stops (its local write, if still running, cannot be cut
-        # short), and the preemption checkpoint's upload heals nothing else,
-        # so the budget goes to the newest state. The superseded checkpoint
-        # stays committed locally; the next run (or `keras-ckpt push`)
-        # uploads it.
-        supersede = self._step != self._saved_step
-        if supersede and self._writer.busy:
-            self._committer.cancel_upload()
-        self._committer.heal = False
-        try:
-            self._writer.wait_until_finished(max(handler.remaining(), 0.1))
-            self._committer.allow_uploads()
-            if supersede:
-                self._save(self._pending or {}, synchronous=True)
-        finally:
-            self._committer.heal = True
-            self.preempted = True
-            self._cluster.preemption_saved(
-                handler, getattr(self.last_saved, "name", None))
-        if self.verbose:
-            compat.print_msg(
-                f"keras_ckpt: preemption checkpoint committed in "
-                f"{time.monotonic() - start:.2f} s."
+    def _check_stateful_siblings(self, siblings):
+        saved = {id(entry.obj) for entry in self.manager.entries}
+        missing = [c for c in siblings if _is_a(c, _STATEFUL_CALLBACKS)
+                   and id(c) not in saved]
+        if missing:
+            names = ", ".join(type(c).__name__ for c in missing)
+            example = ", ".join(
+                f'"{type(c).__name__.lower()}": ...' for c in missing)
+            warnings.warn(
+                f"keras_ckpt.Checkpoint: {names} in fit()'s callbacks is not "
+                "in `state=`, so a resumed run restarts it from scratch "
+                "(patience, cooldown, best value). Pass it in `state=` "
+                f"(state={{{example}}}) to resume it exactly.",
+                stacklevel=2,
             )
-        self._warn_unmirrored()
-        if self.on_preemption == "exit":
-            self._uninstall_preemption()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            raise SystemExit(PREEMPTED_EXIT_CODE)
-        # "stop": end fit without training the batch that is about to run,
-        # so the model in memory is exactly the checkpoint just committed.
-        self.model.stop_training = True
-        model = self.model
-
-        def skip_once(iterator):
-            compat.replace_train_function(model, original)
-            return model.get_metrics_result()
-
-        original = compat.replace_train_function(model, skip_once)
-
-    def _log_platform(self):
-        if self.verbose and self.platform is not None and (
-            self.platform.name != "local"
-        ):
-            compat.print_msg(f"keras_ckpt: {self.platform.describe()}")
-
-    # ------------------------------------------------------------------
-    # Flushing
-    # ------------------------------------------------------------------
-    def wait_until_finished(self, timeout=None):
-        """Waits for pending writes and uploads; raises their errors."""
-        self._flush(timeout)
-
-    def _flush(self, timeout=None):
-        """`wait_until_finished`, saying what is flushed when it is long.
-
-        After `FLUSH_QUIET_SECONDS`, one line names the checkpoint, the
-        local write or the upload (to which URL) and what remains; on a
-        terminal it is rewritten in place, otherwise printed again every
-        `FLUSH_PROGRESS_EVERY` seconds (a few lines in a log at most).
-        """
-        start = time.monotonic()
-        tty = _is_tty(sys.stdout)
-        shown = None  # when the last line was printed
-        width = 0
-        while not self._writer.join(_FLUSH_POLL_SECONDS):
-            now = time.monotonic()
-            if timeout is not None and now - start >= timeout:
-                break
-            if not self.verbose or now - start < FLUSH_QUIET_SECONDS:
-                continue
-            if not tty and shown is not None and (
-                now - shown < FLUSH_PROGRESS_EVERY
-            ):
-                continue
-            activity = self._committer.describe_activity()
-            if activity is None:
-                continue
-            line = (f"keras_ckpt: waiting for pending saves: {activity} "
-                    f"(waited {now - start:.0f} s)")
-            if tty:
-                compat.print_msg("\r" + line.ljust(width), line_break=False)
-                width = len(line)
-            else:
-                compat.print_msg(line)
-            shown = now
-        if tty and shown is not None:
-            compat.print_msg("")
-        if self._writer.busy:
-            raise writer_lib.still_writing(timeout)
-        self._writer.check_for_errors()
 
 
 _LOGGERS = (keras.callbacks.TensorBoard, keras.callbacks.CSVLogger)
-# The end-of-fit flush says what it waits for after this many seconds, then
-# again every FLUSH_PROGRESS_EVERY s (in place on a terminal).
-FLUSH_QUIET_SECONDS = 2.0
-FLUSH_PROGRESS_EVERY = 10.0
-_FLUSH_POLL_SECONDS = 0.25
 
 
-def _is_tty(stream):
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
+def _save_policy(save_freq, save_every_seconds, save_on_epoch_end):
+    """The engine's save policy of the callback's arguments."""
+    chosen = [policies.SaveAtEpochEnd() if save_freq == "epoch"
+              else policies.SaveEveryNSteps(save_freq)]
+    if save_on_epoch_end and save_freq != "epoch":
+        chosen.append(policies.SaveAtEpochEnd())
+    if save_every_seconds is not None:
+        chosen.append(policies.SaveEveryNSeconds(save_every_seconds))
+    return chosen[0] if len(chosen) == 1 else policies.AnyOf(tuple(chosen))
 
 
 def _drop_rows_from(filename, sep, epoch):
@@ -985,50 +515,14 @@ def _epoch_of(line, sep):
 _UNREADABLE_ROW = 1 << 62  # an unreadable row is dropped with the later ones
 
 
-_is_int = _args.is_int
-
-
-_invalid = _args.invalid
-
-
 def _is_a(callback, class_names):
     """By class name, so that Keras 3 and tf_keras callbacks (and their
     subclasses) both match without importing tf_keras."""
     return any(cls.__name__ in class_names for cls in type(callback).__mro__)
 
 
-def _check_resume(resume):
-    expected = 'True, "latest", "best", False, or a checkpoint path/URL'
-    if isinstance(resume, bool) or resume in ("latest", "best"):
-        return
-    if not isinstance(resume, (str, os.PathLike)):
-        _invalid("resume", resume, expected)
-    text = os.fspath(resume)
-    if "://" in text or os.path.exists(text):
-        return
-    hint = _args.suggestion(text, ("latest", "best"))
-    if hint:  # "lastest" is a typo, not a directory to branch from
-        _invalid("resume", resume, expected, hint)
-
-
 def _check_save_freq(save_freq):
     if save_freq == "epoch":
         return
-    if not _is_int(save_freq) or save_freq < 1:
-        _invalid("save_freq", save_freq, '"epoch" or a positive int')
-
-
-def _check_optional_positive(name, value):
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        value <= 0
-    ):
-        _invalid(name, value, "a positive number or None")
-
-
-def _to_float(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return value
+    if not _args.is_int(save_freq) or save_freq < 1:
+        _args.invalid("save_freq", save_freq, '"epoch" or a positive int')

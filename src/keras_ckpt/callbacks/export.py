@@ -5,7 +5,7 @@ import os
 from keras_ckpt import _args
 from keras_ckpt import _keras_compat as compat
 from keras_ckpt import export as export_lib
-from keras_ckpt import state as state_lib
+from keras_ckpt.engine import state as state_lib
 from keras_ckpt.manifest import CheckpointInfo
 
 SOURCES = ("latest", "best", "model")

@@ -86,6 +86,28 @@ class _ObjectAdapter:
         self.obj.set_state(state)
 
 
+class _IteratorAdapter:
+    """A `tf.data` iterator of a custom loop: its position, saved by tf.data
+    itself (O(1), no batch is read again on resume)."""
+
+    def __init__(self, iterator):
+        self.obj = iterator
+
+    def get_state(self):
+        saved = compat.save_iterator(self.obj)
+        if saved is None:
+            raise TypeError(
+                "a tf.data iterator in `state=` whose position tf.data "
+                "cannot save (a distributed iterator, `from_generator`, a "
+                "`py_function`, ...); save its position as a number in an "
+                "object with get_state()/set_state() instead.")
+        return {"iterator": np.frombuffer(saved, dtype=np.uint8)}
+
+    def set_state(self, state):
+        compat.restore_iterator(
+            self.obj, np.asarray(state["iterator"]).tobytes())
+
+
 def _trackable_variables(obj):
     """Variables of a TF/Keras stateful object, or None if it is not one."""
     if isinstance(obj, (tf.Variable, keras.Variable)):
@@ -104,6 +126,8 @@ def _trackable_variables(obj):
 
 
 def _callback_adapter(obj):
+    if isinstance(obj, tf.data.Iterator):
+        return _IteratorAdapter(obj)
     for cls, fields in _MONITOR_FIELDS.items():
         if isinstance(obj, cls) and not _has_own_state_methods(obj):
             return _AttributeAdapter(obj, fields)

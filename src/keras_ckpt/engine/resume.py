@@ -47,7 +47,7 @@ from keras_ckpt import distribute
 from keras_ckpt import manager as manager_lib
 from keras_ckpt import manifest as manifest_lib
 from keras_ckpt import sources
-from keras_ckpt import state as state_lib
+from keras_ckpt.engine import state as state_lib
 from keras_ckpt.errors import CheckpointNotFoundError
 from keras_ckpt.errors import CorruptCheckpointError
 
@@ -318,11 +318,13 @@ class Resume:
         return None if self.found is None else self.found.manifest
 
     # -- 3 and 4: at the start of fit ------------------------------------
-    def restore(self, model, training_state, data, epoch_iterator):
+    def restore(self, model, training_state, data, epoch_iterator, fit=True):
         """Builds what the restore assigns, checks it matches, restores.
 
         `data` is the fit's `DataPosition`; `epoch_iterator` Keras 3's
-        running `EpochIterator` (None under tf_keras).
+        running `EpochIterator` (None under tf_keras). A custom loop
+        (`fit=False`) continues the interrupted epoch itself: its input is
+        positioned by its `state=` iterator and no batch is skipped here.
         """
         manifest, store, _ = self.found
         source = store.prefix(manifest.name)
@@ -342,7 +344,7 @@ class Resume:
             manifest.state.get(state_lib.DATA_POSITION),
             arrays.get(f"adapter/{state_lib.DATA_POSITION}", []))
         check_resumed_input(manifest, data, training_state)
-        if manifest.batch > 0:
+        if manifest.batch > 0 and fit:
             self._metrics = (manifest.variables, arrays)
             self.skip_until = manifest.batch
             if epoch_iterator is not None:
