@@ -59,7 +59,7 @@ SEEDS ?= 1 2 3 4 5 6 7 8 9 10
 test-seeds: $(VENV)/.installed-test $(AZURITE)
 	for seed in $(SEEDS); do \
 	  KERAS_CKPT_TEST_SEED=$$seed KERAS_CKPT_AZURITE=$(abspath $(AZURITE)) $(BIN)/python -m pytest -q \
-	    tests/test_exactness.py tests/test_everyday_jobs.py \
+	    tests/test_exactness.py tests/test_everyday_jobs.py tests/test_custom_loop.py \
 	    tests/test_distributed.py::test_mirrored_sigkill_and_resume_is_bitwise_exact || exit 1; \
 	done
 
