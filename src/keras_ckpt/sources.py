@@ -443,8 +443,12 @@ def open_checkpoint(source, which="latest", retention=None,
         manifest, store = fetch_remote(uploader, which, download_dir,
                                        retention)
         return Found(manifest, store, f"{uploader.url}/{manifest.name}")
-    store, _ = local_source(location if name is None else
-                            os.path.join(location, name))
+    if name is None:
+        store, _ = local_source(location)  # raises if it is no directory
+    else:
+        from keras_ckpt.manager import LocalCheckpoints
+
+        store = LocalCheckpoints(location)
     damaged = {}
     manifest = pick_verified(store, store.manifests(), which, retention,
                              store.directory, damaged)

@@ -684,7 +684,7 @@ class Store(abc.ABC):
         copy_checkpoint(_local_store(local_dir), self, name, upload=True,
                         verify=False, progress=progress, cancel=cancel)
 
-    def commit(self, names, timestamps=None, listing=None):
+    def commit(self, names, timestamps=None):
         """Writes the remote `checkpoint` pointer naming `names`.
 
         The pointer is `tf.train.CheckpointManager`'s file: the last name is
@@ -698,7 +698,6 @@ class Store(abc.ABC):
             names: list of str, the retained checkpoints, oldest first.
             timestamps: list of float or None, their save times, recorded as
                 `all_model_checkpoint_timestamps`.
-            listing: dict or None, `list_files()` if the caller has it.
 
         Returns:
             The names the pointer now lists.
@@ -706,13 +705,18 @@ class Store(abc.ABC):
         Raises:
             StorageError: none of `names` is completely uploaded.
         """
+        return self._commit(names, timestamps,
+                            {m.name for m in self.complete_manifests()})
+
+    def _commit(self, names, timestamps, complete):
+        """`commit()`, given the names complete on the store (`retain()`
+        has them from its own listing: the manifests are read once)."""
         names = list(names)
         if not names:
             _invalid("names", names, "at least one checkpoint name")
         for name in names:
             _check_name(name)
         stamps = dict(zip(names, timestamps)) if timestamps else None
-        complete = {m.name for m in self.complete_manifests(listing)}
         missing = [n for n in names if n not in complete]
         names = [n for n in names if n in complete]
         if not names:
@@ -807,7 +811,7 @@ class Store(abc.ABC):
         """
         listing = self.list_files()
         complete = {m.name for m in self.complete_manifests(listing)}
-        pointed = self.commit(list(keep_names), timestamps, listing=listing)
+        pointed = self._commit(keep_names, timestamps, complete)
         newest = max(manifest_lib.step_of(n) for n in pointed)
         committed = set(manifest_lib.names_from_listing(listing))
         present = set()
